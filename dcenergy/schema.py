@@ -219,8 +219,9 @@ MEASUREMENTS: Final[dict[str, Measurement]] = {
 }
 
 
-def point(m: Measurement, tags: Mapping[str, str], fields: Mapping[str, FieldValue | None],
-          time_ns: int) -> Point:
+def point(
+    m: Measurement, tags: Mapping[str, str], fields: Mapping[str, FieldValue | None], time_ns: int
+) -> Point:
     """Build a point, dropping absent (None) and non-finite fields: absent, not zero."""
     clean: dict[str, FieldValue] = {}
     for k, v in fields.items():
