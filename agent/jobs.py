@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 JobKind = Literal["slurm", "kubernetes", "container", "env"]
 
-_UID_DASHED = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_UID_UNDERSCORED = _UID_DASHED.replace("-", "_")
+_UID_GROUPS = (r"[0-9a-f]{8}", r"[0-9a-f]{4}", r"[0-9a-f]{4}", r"[0-9a-f]{4}", r"[0-9a-f]{12}")
+_UID_DASHED = "-".join(_UID_GROUPS)
+_UID_UNDERSCORED = "_".join(_UID_GROUPS)  # the systemd driver escapes '-' in slice names
 
 _SLURM = re.compile(r"/[^/]*slurm[^/]*/(?:[^/]+/)*?job_(?P<id>\d+)(?:/|$)")
 _K8S_SYSTEMD = re.compile(rf"kubepods(?:-[a-z]+)?-pod(?P<id>{_UID_UNDERSCORED})\.slice")

@@ -192,7 +192,9 @@ class RaplReader:
                 return
             self._denied = True
         self.errors_total += 1
-        hint = " (energy_uj is root-only since Linux 5.10)" if isinstance(err, PermissionError) else ""
+        hint = (
+            " (energy_uj is root-only since Linux 5.10)" if isinstance(err, PermissionError) else ""
+        )
         self._once(what, where, logging.WARNING, "RAPL %s %s failed: %s%s", what, where, err, hint)
 
     def _once(self, what: str, where: str, level: int, msg: str, *args: object) -> None:

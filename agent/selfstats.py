@@ -1,0 +1,74 @@
+"""The agent reporting on itself: its counters as one ``agent`` point per ship cycle.
+
+An agent that silently drops data is worse than one that is down, so every
+drop and error counter the parts keep is summed here and shipped with the
+telemetry it describes (the ``agent`` measurement, see ``dcenergy.schema``).
+The counters are read from the parts that own them; nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from dcenergy.schema import AGENT, TAG_HOST, FieldValue, Point, point
+
+
+class SamplerStats(Protocol):
+    samples_total: int
+    errors_total: int
+    last_error: str
+    cycle_s: float | None
+
+
+class SpoolStats(Protocol):
+    def depth(self) -> int: ...
+    def size_bytes(self) -> int: ...
+
+
+class ShipperStats(Protocol):
+    points_shipped_total: int
+    dropped_rejected_total: int
+    dropped_partial_total: int
+    errors_total: int
+    last_error: str | None
+    ship_latency_s: float | None
+
+
+class ErrorCounter(Protocol):
+    errors_total: int
+
+
+def agent_point(
+    *,
+    host: str,
+    time_ns: int,
+    sampler: SamplerStats,
+    spool: SpoolStats,
+    shipper: ShipperStats,
+    points_spooled_total: int,
+    dropped_overflow_total: int,
+    other_errors: Iterable[ErrorCounter] = (),
+    daemon_errors_total: int = 0,
+    daemon_last_error: str = "",
+) -> Point:
+    """One ``agent`` point from the parts' counters (``errors_total`` summed over all)."""
+    errors = sampler.errors_total + shipper.errors_total + daemon_errors_total
+    errors += sum(part.errors_total for part in other_errors)
+    # The most recent error worth showing: the daemon's own, then shipping, then sampling.
+    last_error = daemon_last_error or shipper.last_error or sampler.last_error or ""
+    fields: dict[str, FieldValue | None] = {
+        "samples_total": sampler.samples_total,
+        "points_spooled_total": points_spooled_total,
+        "points_shipped_total": shipper.points_shipped_total,
+        "dropped_overflow_total": dropped_overflow_total,
+        "dropped_rejected_total": shipper.dropped_rejected_total,
+        "dropped_partial_total": shipper.dropped_partial_total,
+        "errors_total": errors,
+        "spool_depth": spool.depth(),
+        "spool_bytes": spool.size_bytes(),
+        "cycle_s": sampler.cycle_s,
+        "ship_latency_s": shipper.ship_latency_s,
+        "last_error": last_error,
+    }
+    return point(AGENT, {TAG_HOST: host}, fields, time_ns)

@@ -1,0 +1,187 @@
+"""Publishing a plan: split it per host, sign each part, write ``plan_part`` points.
+
+Works on the plan's JSON dict (``plan_id``, ``created_ns``, ``expires_ns``,
+``setpoints: [{"gpu", "host", "power_limit_w", "sm_clock_max_mhz"}]``) so that
+neither ``dcenergy/`` nor the agent imports the optimizer. Agents read back only
+their own host's newest part (``fetch_latest_part``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from dcenergy import schema
+from dcenergy.errors import InputError
+from dcenergy.plan import MODES, Mode, PlanPart, Setpoint, SignedPart, sign_part
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dcenergy.store.base import Store
+
+DEFAULT_LOOKBACK_S = 86_400.0
+
+
+def _int(plan: Mapping[str, Any], name: str, source: str) -> int:
+    value = plan.get(name)
+    if value is None:
+        raise InputError(source, name, "is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InputError(
+            source, name, f"must be an integer > 0 (ns since the epoch), not {value!r}"
+        )
+    return value
+
+
+def _setpoint(raw: Any, i: int, source: str) -> tuple[str, Setpoint]:
+    where = f"setpoints[{i}]"
+    if not isinstance(raw, Mapping):
+        raise InputError(source, where, "must be an object")
+    gpu, host = raw.get("gpu"), raw.get("host")
+    if not isinstance(gpu, str) or not gpu:
+        raise InputError(source, f"{where}.gpu", f"must be a GPU UUID string, not {gpu!r}")
+    if not isinstance(host, str) or not host:
+        raise InputError(source, f"{where}.host", f"must be a host name, not {host!r}")
+    w = raw.get("power_limit_w")
+    if w is not None and (
+        isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0
+    ):
+        raise InputError(source, f"{where}.power_limit_w", f"must be a number > 0 W, not {w!r}")
+    c = raw.get("sm_clock_max_mhz")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c <= 0):
+        raise InputError(source, f"{where}.sm_clock_max_mhz", f"must be an integer > 0, not {c!r}")
+    if w is None and c is None:
+        raise InputError(source, where, "needs power_limit_w or sm_clock_max_mhz")
+    return host, Setpoint(gpu, None if w is None else float(w), c)
+
+
+def split_plan(
+    plan: Mapping[str, Any], *, seq_from_ns: int, source: str = "<plan>"
+) -> list[PlanPart]:
+    """Validate ``plan`` and split it into one unsigned part per host (sorted by host).
+
+    Every part gets ``seq = seq_from_ns``; ``key_id`` is filled in by ``sign_part``.
+    Raises ``InputError`` (exit 65) naming the bad field.
+    """
+    if not isinstance(plan, Mapping):
+        raise InputError(source, "<root>", "must be a JSON object")
+    plan_id = plan.get("plan_id")
+    if not isinstance(plan_id, str) or not plan_id:
+        raise InputError(source, "plan_id", f"must be a non-empty string, not {plan_id!r}")
+    created_ns = _int(plan, "created_ns", source)
+    expires_ns = _int(plan, "expires_ns", source)
+    if expires_ns <= created_ns:
+        raise InputError(source, "expires_ns", "must be after created_ns")
+    mode_raw = plan.get("mode")
+    if mode_raw is not None and mode_raw not in MODES:
+        raise InputError(source, "mode", f"must be one of {', '.join(MODES)}, not {mode_raw!r}")
+    raw_setpoints = plan.get("setpoints")
+    if raw_setpoints is None:
+        raise InputError(source, "setpoints", "is missing")
+    if not isinstance(raw_setpoints, list) or not raw_setpoints:
+        raise InputError(source, "setpoints", "must be a non-empty list")
+    by_host: dict[str, list[Setpoint]] = {}
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_setpoints):
+        host, sp = _setpoint(raw, i, source)
+        if sp.gpu_uuid in seen:
+            raise InputError(source, f"setpoints[{i}].gpu", f"{sp.gpu_uuid} appears twice")
+        seen.add(sp.gpu_uuid)
+        by_host.setdefault(host, []).append(sp)
+    parts: list[PlanPart] = []
+    for host in sorted(by_host):
+        sps = tuple(sorted(by_host[host], key=lambda s: s.gpu_uuid))
+        mode: Mode
+        if mode_raw is not None:
+            mode = "dvfs" if mode_raw == "dvfs" else "power"
+        else:
+            mode = "dvfs" if any(s.sm_clock_max_mhz is not None for s in sps) else "power"
+        parts.append(
+            PlanPart(
+                host=host,
+                plan_id=plan_id,
+                seq=seq_from_ns,
+                created_ns=created_ns,
+                expires_ns=expires_ns,
+                key_id="",
+                setpoints=sps,
+                mode=mode,
+            )
+        )
+    return parts
+
+
+def part_point(signed: SignedPart, time_ns: int) -> schema.Point:
+    """The ``plan_part`` point carrying one signed part."""
+    p = signed.part
+    return schema.point(
+        schema.PLAN_PART,
+        {schema.TAG_HOST: p.host},
+        {"plan_id": p.plan_id, "seq": p.seq, "payload": signed.payload, "expires_ns": p.expires_ns},
+        time_ns,
+    )
+
+
+def sign_plan(
+    plan: Mapping[str, Any],
+    private_key: Ed25519PrivateKey,
+    now_ns: int,
+    *,
+    last_seq: int = 0,
+    source: str = "<plan>",
+) -> list[SignedPart]:
+    """Split and sign without writing; ``seq = max(now_ns, last_seq + 1)``."""
+    seq = max(now_ns, last_seq + 1)
+    return [sign_part(p, private_key) for p in split_plan(plan, seq_from_ns=seq, source=source)]
+
+
+def publish(
+    plan: Mapping[str, Any],
+    store: Store,
+    private_key: Ed25519PrivateKey,
+    now_ns: int,
+    *,
+    last_seq: int = 0,
+    source: str = "<plan>",
+) -> list[SignedPart]:
+    """Sign every host's part and write them to ``store`` in one batch, stamped ``now_ns``.
+
+    ``last_seq`` is the highest seq this publisher used before (0 if unknown):
+    passing it keeps seqs increasing even if the clock stepped back.
+    """
+    signed = sign_plan(plan, private_key, now_ns, last_seq=last_seq, source=source)
+    store.write([part_point(s, now_ns) for s in signed])
+    return signed
+
+
+def fetch_latest_part(
+    store: Store, host: str, now_ns: int, lookback_s: float = DEFAULT_LOOKBACK_S
+) -> str | None:
+    """Payload of the newest part written for ``host`` (by point time, then seq), or None.
+
+    Unverified: the caller passes it to ``verify_part``. Points dated after
+    ``now_ns`` are included, so that a future-dated part is seen and refused.
+    """
+    points = store.read(
+        schema.PLAN_PART.name,
+        start_ns=now_ns - int(lookback_s * 1e9),
+        end_ns=None,
+        tags={schema.TAG_HOST: host},
+    )
+    best: schema.Point | None = None
+    best_key: tuple[int, int] = (0, 0)
+    for p in points:
+        payload = p.fields.get("payload")
+        if not isinstance(payload, str):
+            continue
+        seq = p.fields.get("seq")
+        key = (p.time_ns, seq if isinstance(seq, int) and not isinstance(seq, bool) else 0)
+        if best is None or key > best_key:
+            best, best_key = p, key
+    if best is None:
+        return None
+    payload = best.fields["payload"]
+    assert isinstance(payload, str)
+    return payload
