@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.devices.base import DeviceBackend
 from agent.notify import Notifier
@@ -44,13 +44,28 @@ from agent.sampler import Sampler
 from agent.selfstats import agent_point
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
+from dcenergy.lineprotocol import WriteResult
+
+if TYPE_CHECKING:
+    from agent.host import HostCollector
+    from agent.jobs import JobResolver
+    from agent.shipper import Shipper
+    from agent.spool import Spool
+    from agent.throughput import ThroughputTracker
 
 log = logging.getLogger(__name__)
 
 SPOOL_FILE = "spool.sqlite"
-RETENTION_INTERVAL_S = 3600.0
-DEFAULT_FLUSH_TIMEOUT_S = 15.0
 JOBS_SUBDIR = "jobs"
+RETENTION_INTERVAL_S = 3600.0
+DEFAULT_FLUSH_TIMEOUT_S = 15.0  # the unit's TimeoutStopSec= (30 s) leaves room for it
+
+
+class StoreSink(Protocol):
+    """What the daemon needs of a store: the shipper's sink, and closing it."""
+
+    def write_lines(self, body: bytes) -> WriteResult: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +80,16 @@ class PeriodicJob:
 class AgentDaemon:
     """Owns the agent's parts and their schedule; ``run()`` is the whole life of the process.
 
-    ``backend`` and ``store`` may be given (tests, embedding); otherwise they are
-    built from ``config`` when the daemon starts, never in the constructor.
+    ``backend`` and ``store`` may be given (tests, embedding: the caller closes
+    them); otherwise the daemon builds them from ``config`` when it starts,
+    never in the constructor, and closes them when it stops.
     """
 
     def __init__(
         self,
         config: Config,
         backend: DeviceBackend | None = None,
-        store: Any | None = None,
+        store: StoreSink | None = None,
         *,
         clock: Callable[[], int] = time.time_ns,
         notifier: Notifier | None = None,
@@ -83,10 +99,8 @@ class AgentDaemon:
     ) -> None:
         self.config = config
         self.host = config.host
-        self._backend = backend
-        self._own_backend = backend is None
-        self._store = store
-        self._own_store = store is None
+        self._given_backend = backend
+        self._given_store = store
         self._clock = clock
         self.notifier = notifier or Notifier()
         self._proc_root = proc_root
@@ -94,14 +108,15 @@ class AgentDaemon:
         self._on_spooled = on_spooled  # (time_ns, points committed): tests and demos
         self._stop = threading.Event()
         self._jobs: list[PeriodicJob] = []
-        self._scheduler: Any = None
-        self._spool: Any = None
-        self._shipper: Any = None
-        self._tracker: Any = None
-        self._host_collector: Any = None
-        self._resolver: Any = None
+        self._scheduler: Any = None  # apscheduler has no type hints
+        self._backend: DeviceBackend | None = None
+        self._store: StoreSink | None = None
+        self._spool: Spool | None = None
+        self._shipper: Shipper | None = None
+        self._host_collector: HostCollector | None = None
+        self._resolver: JobResolver | None = None
+        self._tracker: ThroughputTracker | None = None
         self.sampler: Sampler | None = None
-        self.points_spooled_total = 0
         self.errors_total = 0
         self.last_error = ""
         self._logged: set[str] = set()
@@ -111,8 +126,8 @@ class AgentDaemon:
     def add_job(self, func: Callable[[], object], interval_s: float, name: str) -> None:
         """Run ``func`` every ``interval_s`` while the daemon runs; its errors are counted.
 
-        May be called before or after ``start()``. This is the hook for periodic
-        work that is not sampling or shipping (the plan reconciler).
+        The hook for periodic work besides sampling and shipping (the plan
+        reconciler). May be called before or after ``start()``.
         """
         job = PeriodicJob(func, interval_s, name)
         self._jobs.append(job)
@@ -120,7 +135,7 @@ class AgentDaemon:
             self._schedule_extra(job)
 
     def run(self, duration_s: float | None = None) -> int:
-        """Start, wait for SIGTERM/SIGINT/``stop()`` (or ``duration_s``), shut down; 0 on success."""
+        """Start, wait for SIGTERM/SIGINT/``stop()`` (or ``duration_s``), shut down; 0 when clean."""
         restore = self._install_signal_handlers()
         try:
             self.start()
@@ -133,36 +148,47 @@ class AgentDaemon:
         return 0
 
     def stop(self) -> None:
-        """Ask ``run()`` to return (thread- and signal-safe)."""
+        """Ask ``run()`` to return (safe from any thread and from a signal handler)."""
         self._stop.set()
 
     @property
-    def spool(self) -> Any:
+    def backend(self) -> DeviceBackend:
+        if self._backend is None:
+            raise RuntimeError("the agent daemon is not started")
+        return self._backend
+
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            raise RuntimeError("the agent daemon is not started")
         return self._spool
 
     @property
-    def store(self) -> Any:
-        return self._store
+    def shipper(self) -> Shipper:
+        if self._shipper is None:
+            raise RuntimeError("the agent daemon is not started")
+        return self._shipper
 
     def start(self) -> None:
-        """Open the backend, spool and store, schedule the jobs, tell systemd READY=1."""
+        """Open backend, spool and store; tell systemd READY=1; start the schedule."""
         if self._started:
             return
         self._started = True
         self._open_parts()
-        self.notifier.ready(f"sampling {len(self.backend.devices())} GPUs")
+        n_gpus = len(self.backend.devices())
+        self.notifier.ready(f"sampling {n_gpus} GPUs every {self.config.agent.interval_s:g} s")
         self._start_scheduler()
         log.info(
-            "agent started: host=%s, %d GPUs (%s), interval %.3g s, shipping to %r",
+            "agent started: host %s, %d GPUs (%s), every %g s, shipping to %r",
             self.host,
-            len(self.backend.devices()),
+            n_gpus,
             self.backend.name,
             self.config.agent.interval_s,
             self._store,
         )
 
     def shutdown(self) -> None:
-        """Stop taking samples, flush the spool once (bounded), close everything."""
+        """Stop sampling (nothing new is taken), flush the spool once (bounded), close all."""
         if not self._started:
             return
         self._started = False
@@ -172,16 +198,13 @@ class AgentDaemon:
             self._scheduler = None
         if self._spool is not None and self._shipper is not None:
             self._put_self_stats()
-            self._flush(self.flush_timeout_s)
+            depth = self._flush(self.flush_timeout_s)
+            if depth:
+                log.warning("stopping with %d points still in the spool (shipped next start)", depth)
         self._close_parts()
         log.info("agent stopped")
 
     # --- opening and closing -------------------------------------------------------------
-    @property
-    def backend(self) -> DeviceBackend:
-        assert self._backend is not None, "start() first"
-        return self._backend
-
     def _open_parts(self) -> None:
         from agent.host import HostCollector
         from agent.jobs import JobResolver
@@ -192,26 +215,27 @@ class AgentDaemon:
 
         cfg = self.config
         try:
-            if self._backend is None:
-                self._backend = open_agent_backend(cfg)
+            if self._given_backend is not None:
+                self._given_backend.open()  # idempotent
+                self._backend = self._given_backend
             else:
-                self._backend.open()
-            state_dir = cfg.state_dir
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._spool = Spool(state_dir / SPOOL_FILE, int(cfg.agent.spool_max_mb * 1024 * 1024))
-            if self._store is None:
-                self._store = open_agent_store(cfg)
+                self._backend = open_agent_backend(cfg)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._spool = Spool(
+                cfg.state_dir / SPOOL_FILE, int(cfg.agent.spool_max_mb * 1024 * 1024)
+            )
+            self._store = self._given_store or open_agent_store(cfg)
             self._shipper = Shipper(self._spool, self._store, batch_lines=cfg.store.batch_lines)
             self._host_collector = HostCollector(rapl=RaplReader())
             self._resolver = JobResolver(self._proc_root)
             self._tracker = ThroughputTracker(
-                _jobs_dir(cfg.runtime_dir), max_age_s=cfg.agent.job_report_max_age_s
+                jobs_dir(cfg.runtime_dir), max_age_s=cfg.agent.job_report_max_age_s
             )
         except BaseException:
             self._close_parts()
             raise
         self.sampler = Sampler(
-            self.backend,
+            self._backend,
             self.host,
             self._host_collector,
             self._resolver,
@@ -220,18 +244,20 @@ class AgentDaemon:
         )
 
     def _close_parts(self) -> None:
-        for name in ("_tracker", "_store", "_spool", "_backend"):
-            part = getattr(self, name)
+        """Close what this daemon opened, each failure counted, none stopping the rest."""
+        parts: list[tuple[str, Any]] = [("tracker", self._tracker), ("spool", self._spool)]
+        if self._given_store is None:
+            parts.append(("store", self._store))
+        if self._given_backend is None:
+            parts.append(("backend", self._backend))
+        for name, part in parts:
             if part is None:
                 continue
-            if name == "_store" and not self._own_store:
-                continue  # the caller's store: the caller closes it
             try:
                 part.close()
             except Exception as e:
-                self._fail(f"close{name}", e)
-            if name != "_backend" or self._own_backend:
-                setattr(self, name, None if name != "_store" or self._own_store else part)
+                self._fail(f"closing the {name}", e)
+        self._tracker = self._spool = self._store = self._backend = self._shipper = None
 
     # --- the schedule --------------------------------------------------------------------
     def _start_scheduler(self) -> None:
@@ -239,7 +265,13 @@ class AgentDaemon:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
+        from dcenergy.store.embedded import EmbeddedStore
+
         a = self.config.agent
+        sched_log = logging.getLogger("apscheduler")
+        if sched_log.level == logging.NOTSET:
+            # APScheduler logs every run at INFO: once a second is noise, not news.
+            sched_log.setLevel(logging.WARNING)
         scheduler = BackgroundScheduler(
             executors={
                 "sampling": ThreadPoolExecutor(1),
@@ -248,32 +280,26 @@ class AgentDaemon:
             },
             timezone="UTC",
         )
-        scheduler.add_job(
-            self._sample_cycle,
-            IntervalTrigger(seconds=a.interval_s, timezone="UTC"),
-            id="sample",
-            name="sample",
-            executor="sampling",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=_grace_s(a.interval_s),
-        )
-        scheduler.add_job(
-            self._ship_cycle,
-            IntervalTrigger(seconds=a.ship_interval_s, timezone="UTC"),
-            id="ship",
-            name="ship",
-            executor="shipping",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=_grace_s(a.ship_interval_s),
-        )
+        for func, interval_s, executor in (
+            (self._sample_cycle, a.interval_s, "sampling"),
+            (self._ship_cycle, a.ship_interval_s, "shipping"),
+        ):
+            scheduler.add_job(
+                func,
+                IntervalTrigger(seconds=interval_s, timezone="UTC"),
+                name=executor,
+                executor=executor,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=_grace_s(interval_s),
+            )
         self._scheduler = scheduler
-        if hasattr(self._store, "prune"):
-            self.add_job(self._prune, RETENTION_INTERVAL_S, "retention")
-        else:
-            for job in self._jobs:
-                self._schedule_extra(job)
+        if isinstance(self._store, EmbeddedStore) and not any(
+            j.name == "retention" for j in self._jobs
+        ):
+            self._jobs.append(PeriodicJob(self._prune, RETENTION_INTERVAL_S, "retention"))
+        for job in self._jobs:
+            self._schedule_extra(job)
         scheduler.start()
 
     def _schedule_extra(self, job: PeriodicJob) -> None:
@@ -297,61 +323,75 @@ class AgentDaemon:
     # --- the cycles ----------------------------------------------------------------------
     def _sample_cycle(self) -> None:
         """Sample, commit to the spool, and only then tell the watchdog we are alive."""
-        assert self.sampler is not None
-        try:
-            points = self.sampler.sample()
-            committed = self._spool.put(points)
-        except Exception as e:
-            self._fail("sample", e)
+        sampler, spool = self.sampler, self._spool
+        if sampler is None or spool is None:
             return
-        self.points_spooled_total += committed
+        try:
+            points = sampler.sample()
+            committed = spool.put(points)
+        except Exception as e:
+            self._fail("sampling", e)
+            return
         if points:
             log.debug("spooled %d points at %d", committed, points[0].time_ns)
             if self._on_spooled is not None:
                 self._on_spooled(points[0].time_ns, committed)
-        if self.sampler.healthy:
+        if sampler.healthy:
             self.notifier.watchdog()
 
     def _ship_cycle(self) -> None:
-        """Ship what the spool holds (bounded by the ship interval), then record self-stats."""
-        self._flush(self.config.agent.ship_interval_s * 0.8)
+        """Ship what the spool holds (for at most one ship interval), then put self-stats."""
+        self._flush(self.config.agent.ship_interval_s)
         self._put_self_stats()
 
-    def _flush(self, budget_s: float) -> None:
-        """Ship batches until the spool is empty, shipping stalls, or ``budget_s`` runs out."""
+    def _flush(self, budget_s: float) -> int:
+        """Ship batches until the spool is empty, shipping stalls, or ``budget_s`` is spent.
+
+        Returns the points left. Never waits out a backoff: an unreachable store
+        ends the flush at once and the points stay in the spool.
+        """
+        shipper, spool = self._shipper, self._spool
+        if shipper is None or spool is None:
+            return 0
         deadline = time.monotonic() + budget_s
-        while time.monotonic() < deadline:
+        depth = spool.depth()
+        while depth and time.monotonic() < deadline:
             try:
-                report = self._shipper.ship_once()
-            except Exception as e:
-                self._fail("ship", e)
-                return
-            if not _made_progress(report) or self._spool.depth() == 0:
-                return
+                report = shipper.ship_once(max_batches=1)
+            except Exception as e:  # the shipper maps store errors to results; this is a bug
+                self._fail("shipping", e)
+                break
+            depth = report.depth
+            if not (report.shipped or report.dropped_rejected or report.dropped_partial):
+                break  # backing off, or the store refused: try again next cycle
+        return depth
 
     def _put_self_stats(self) -> None:
-        assert self.sampler is not None
+        if self.sampler is None or self._spool is None or self._shipper is None:
+            return
         others = [p for p in (self._host_collector, self._resolver, self._tracker) if p]
         try:
             p = agent_point(
                 host=self.host,
                 time_ns=self._clock(),
                 sampler=self.sampler,
-                spool=self._spool,
-                shipper=self._shipper,
-                points_spooled_total=self.points_spooled_total,
-                dropped_overflow_total=_spool_dropped(self._spool),
+                spool=self._spool.counters(),
+                shipper=self._shipper.counters,
                 other_errors=[*others, self.notifier],
                 daemon_errors_total=self.errors_total,
                 daemon_last_error=self.last_error,
             )
             self._spool.put([p])
         except Exception as e:
-            self._fail("selfstats", e)
+            self._fail("self-stats", e)
 
     def _prune(self) -> None:
-        days = self.config.agent.retention_days
-        self._store.prune(older_than_ns=self._clock() - int(days * 86400e9))
+        from dcenergy.store.embedded import EmbeddedStore
+
+        if isinstance(self._store, EmbeddedStore):
+            keep_ns = int(self.config.agent.retention_days * 86400 * 1e9)
+            pruned = self._store.prune(older_than_ns=self._clock() - keep_ns)
+            log.debug("retention: pruned %d points", pruned)
 
     # --- helpers -------------------------------------------------------------------------
     def _fail(self, part: str, err: BaseException) -> None:
@@ -359,11 +399,14 @@ class AgentDaemon:
         self.last_error = f"{part}: {err}"
         if part not in self._logged:
             self._logged.add(part)
-            log.error("%s failed: %s (logged once; counted in errors_total)", part, err,
-                      exc_info=not isinstance(err, DcenergyError | OSError))
+            unexpected = not isinstance(err, DcenergyError | OSError)
+            log.error(
+                "%s failed: %s (logged once; counted in errors_total)", part, err,
+                exc_info=err if unexpected else None,
+            )
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGINT → ``stop()``; only possible (and needed) on the main thread."""
+        """SIGTERM/SIGINT → ``stop()``; possible (and needed) only on the main thread."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
@@ -381,24 +424,12 @@ class AgentDaemon:
 
 
 def _grace_s(interval_s: float) -> int:
-    """APScheduler wants a whole number of seconds; a run later than an interval is moot."""
+    """APScheduler takes whole seconds; a run later than one interval is replaced by the next."""
     return max(1, round(interval_s))
 
 
-def _made_progress(report: Any) -> bool:
-    shipped = getattr(report, "shipped", None)
-    if shipped is None:
-        shipped = getattr(report, "points_shipped", 0)
-    dropped = getattr(report, "dropped", 0) or 0
-    return bool(shipped or dropped)
-
-
-def _spool_dropped(spool: Any) -> int:
-    return int(getattr(spool, "dropped_overflow_total", 0))
-
-
-def _jobs_dir(runtime_dir: Path) -> Path:
-    """``<runtime_dir>/jobs``: sticky and world-writable (like /tmp) so any job can report."""
+def jobs_dir(runtime_dir: Path) -> Path:
+    """``<runtime_dir>/jobs``; as root, sticky and world-writable (like /tmp) so any job reports."""
     path = runtime_dir / JOBS_SUBDIR
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -419,8 +450,22 @@ def open_agent_backend(config: Config) -> DeviceBackend:
     return open_backend("nvml")
 
 
-def open_agent_store(config: Config) -> Any:
+def open_agent_store(config: Config) -> StoreSink:
     """The sink: InfluxDB when ``store.influx_url`` is set, else the embedded SQLite store."""
+    from dcenergy.config import store_password, store_token
     from dcenergy.store import open_store
 
-    return open_store(config)
+    s = config.store
+    return open_store(
+        s.influx_url or None,
+        s.database,
+        embedded_path=config.embedded_store_path,
+        # An empty systemd credential (the unit's default) means "no token".
+        token=(store_token(config) or None) if s.influx_url else None,
+        username=s.username or None,
+        password=store_password(config) if s.influx_url else None,
+        ca_file=s.ca_file or None,
+        verify_tls=s.verify_tls,
+        timeout_s=s.timeout_s,
+        create_database=s.create_database,
+    )

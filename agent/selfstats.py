@@ -22,16 +22,23 @@ class SamplerStats(Protocol):
 
 
 class SpoolStats(Protocol):
-    def depth(self) -> int: ...
-    def size_bytes(self) -> int: ...
+    """``agent.spool.SpoolCounters``: persisted totals, exact after a crash."""
+
+    points_spooled_total: int
+    dropped_overflow_total: int
+    dropped_invalid_total: int
+    spool_depth: int
+    spool_bytes: int
 
 
 class ShipperStats(Protocol):
+    """``agent.shipper.ShipperCounters``: totals since this process started."""
+
     points_shipped_total: int
     dropped_rejected_total: int
     dropped_partial_total: int
     errors_total: int
-    last_error: str | None
+    last_error: str
     ship_latency_s: float | None
 
 
@@ -46,27 +53,30 @@ def agent_point(
     sampler: SamplerStats,
     spool: SpoolStats,
     shipper: ShipperStats,
-    points_spooled_total: int,
-    dropped_overflow_total: int,
     other_errors: Iterable[ErrorCounter] = (),
     daemon_errors_total: int = 0,
     daemon_last_error: str = "",
 ) -> Point:
-    """One ``agent`` point from the parts' counters (``errors_total`` summed over all)."""
+    """One ``agent`` point from the parts' counters.
+
+    ``errors_total`` sums every part's errors, and counts the points the spool
+    refused as invalid line protocol (a drop the schema has no field of its own for).
+    """
     errors = sampler.errors_total + shipper.errors_total + daemon_errors_total
+    errors += spool.dropped_invalid_total
     errors += sum(part.errors_total for part in other_errors)
-    # The most recent error worth showing: the daemon's own, then shipping, then sampling.
-    last_error = daemon_last_error or shipper.last_error or sampler.last_error or ""
+    # The most telling recent error: the daemon's own, then shipping, then sampling.
+    last_error = daemon_last_error or shipper.last_error or sampler.last_error
     fields: dict[str, FieldValue | None] = {
         "samples_total": sampler.samples_total,
-        "points_spooled_total": points_spooled_total,
+        "points_spooled_total": spool.points_spooled_total,
         "points_shipped_total": shipper.points_shipped_total,
-        "dropped_overflow_total": dropped_overflow_total,
+        "dropped_overflow_total": spool.dropped_overflow_total,
         "dropped_rejected_total": shipper.dropped_rejected_total,
         "dropped_partial_total": shipper.dropped_partial_total,
         "errors_total": errors,
-        "spool_depth": spool.depth(),
-        "spool_bytes": spool.size_bytes(),
+        "spool_depth": spool.spool_depth,
+        "spool_bytes": spool.spool_bytes,
         "cycle_s": sampler.cycle_s,
         "ship_latency_s": shipper.ship_latency_s,
         "last_error": last_error,

@@ -1696,7 +1696,7 @@ def agent_health() -> Board:
     b.add(
         panel(
             "timeseries",
-            "Sampling",
+            "Sampling cycle duration",
             [
                 target(
                     f'SELECT mean("cycle_s") AS "cycle_s" FROM "agent" WHERE {F_HOST} {per_host}',

@@ -153,7 +153,7 @@ class _Model:
     @property
     def grp_share(self) -> np.ndarray:
         """n_k / K_j: the group's share of its job."""
-        return self.grp_n / self.job_k[self.grp_job]
+        return np.asarray(self.grp_n / self.job_k[self.grp_job], dtype=float)
 
     def group_throughput(self, caps: np.ndarray) -> np.ndarray:
         """f_j(cap_k) per group, from the segment arrays."""
@@ -176,7 +176,9 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     # domain membership (domains x gpus)
     counts = np.fromiter((len(g.domains) for g in gpus), dtype=np.int64, count=n_gpu)
     cols = np.repeat(np.arange(n_gpu), counts)
-    rows = np.fromiter((didx[d] for g in gpus for d in g.domains), dtype=np.int64, count=int(counts.sum()))
+    rows = np.fromiter(
+        (didx[d] for g in gpus for d in g.domains), dtype=np.int64, count=int(counts.sum())
+    )
     member = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_dom, n_gpu))
     min_w = np.fromiter((g.min_w for g in gpus), dtype=float, count=n_gpu)
     max_w = np.fromiter((g.max_w for g in gpus), dtype=float, count=n_gpu)
@@ -228,7 +230,7 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     job_floor = (1.0 - job_s) * job_unc
 
     # segments per class (job, lo, hi), replicated to groups
-    cls_key = {}
+    cls_key: dict[tuple[int, float, float], int] = {}
     grp_cls = np.empty(n_groups, dtype=np.int64)
     cls_start: list[int] = []
     cls_count: list[int] = []
@@ -260,8 +262,8 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     ccount = np.asarray(cls_count, dtype=np.int64)
     per_grp = ccount[grp_cls] if n_groups else np.zeros(0, dtype=np.int64)
     seg_group = np.repeat(np.arange(n_groups), per_grp)
-    first = np.cumsum(per_grp) - per_grp
-    offset = np.arange(len(seg_group)) - np.repeat(first, per_grp)
+    seg_first = np.cumsum(per_grp) - per_grp
+    offset = np.arange(len(seg_group)) - np.repeat(seg_first, per_grp)
     src = cstart[grp_cls][seg_group] + offset if len(seg_group) else np.zeros(0, dtype=np.int64)
     sx0, slen, sslope = (np.asarray(v, dtype=float) for v in (s_x0, s_len, s_slope))
     grp_base = np.asarray(cls_base, dtype=float)[grp_cls] if n_groups else np.zeros(0)
@@ -321,9 +323,17 @@ def _evaluate(m: _Model, caps: np.ndarray, grp_caps: np.ndarray | None = None) -
         np.minimum.at(grp_caps, m.gpu_group[busy], caps[busy])
         grp_caps = np.clip(grp_caps, m.grp_lo, m.grp_hi) if len(grp_caps) else grp_caps
     f = m.group_throughput(grp_caps) if len(m.grp_n) else np.zeros(0)
-    t = np.bincount(m.grp_job, f * m.grp_share, minlength=len(m.job_ids)) if len(m.grp_n) else np.zeros(len(m.job_ids))
+    t = (
+        np.bincount(m.grp_job, f * m.grp_share, minlength=len(m.job_ids))
+        if len(m.grp_n)
+        else np.zeros(len(m.job_ids))
+    )
     gpu_job = np.where(busy, m.grp_job[np.maximum(m.gpu_group, 0)] if len(m.grp_n) else 0, -1)
-    draw = np.where(busy, np.minimum(caps, m.job_draw[np.maximum(gpu_job, 0)] if len(m.job_ids) else caps), m.idle_w)
+    draw = np.where(
+        busy,
+        np.minimum(caps, m.job_draw[np.maximum(gpu_job, 0)] if len(m.job_ids) else caps),
+        m.idle_w,
+    )
     dom_draw = m.member @ draw
     baseline = m.fixed_w - m.member @ np.where(busy, 0.0, m.idle_w)
     dom_power = dom_draw + baseline
@@ -364,7 +374,10 @@ def _objective_value(m: _Model, ev: Evaluation) -> float:
         return float(np.sum(ev.caps_w[busy]))
     total_t = sum(ev.job_throughput.values())
     baseline = float(sum(d.baseline_w for d in m.problem.domains))
-    return o.value_per_unit * 3600.0 * total_t - o.price_per_kwh * o.pue * (cap_power + baseline) / 1000.0
+    return (
+        o.value_per_unit * 3600.0 * total_t
+        - o.price_per_kwh * o.pue * (cap_power + baseline) / 1000.0
+    )
 
 
 # --- LP -----------------------------------------------------------------------
@@ -378,13 +391,21 @@ def _lp_cost(m: _Model) -> np.ndarray:
     j = m.grp_job[k]
     if o.kind == "budget":
         unc = np.where(m.job_unc > 0, m.job_unc, np.inf)
-        return -(m.job_w[j] / unc[j]) * share * m.seg_slope
+        return np.asarray(-(m.job_w[j] / unc[j]) * share * m.seg_slope, dtype=float)
     if o.kind == "energy":
-        return m.grp_n[k].astype(float)
-    return -(o.value_per_unit * 3600.0 * share * m.seg_slope - o.price_per_kwh * o.pue / 1000.0 * m.grp_n[k])
+        return np.asarray(m.grp_n[k], dtype=float)
+    return np.asarray(
+        -(
+            o.value_per_unit * 3600.0 * share * m.seg_slope
+            - o.price_per_kwh * o.pue / 1000.0 * m.grp_n[k]
+        ),
+        dtype=float,
+    )
 
 
-def _solve_lp(m: _Model, room: np.ndarray, floors: bool) -> tuple[np.ndarray, dict[str, float], str, tuple[str, ...]]:
+def _solve_lp(
+    m: _Model, room: np.ndarray, floors: bool
+) -> tuple[np.ndarray, dict[str, float], str, tuple[str, ...]]:
     """Solve the LP; returns group caps, shadow prices, status and jobs whose floor was relaxed."""
     n_seg = len(m.seg_group)
     n_grp = len(m.grp_n)
@@ -395,7 +416,11 @@ def _solve_lp(m: _Model, room: np.ndarray, floors: bool) -> tuple[np.ndarray, di
     # floor rows for jobs whose floor is above what the minimum caps deliver
     base_t = np.bincount(m.grp_job, m.grp_base * m.grp_share, minlength=len(m.job_ids))
     need = m.job_floor - base_t
-    fl_jobs = np.nonzero(need > _TOL * np.maximum(1.0, m.job_unc))[0] if floors else np.zeros(0, dtype=np.int64)
+    fl_jobs = (
+        np.nonzero(need > _TOL * np.maximum(1.0, m.job_unc))[0]
+        if floors
+        else np.zeros(0, dtype=np.int64)
+    )
     row_of_job = np.full(len(m.job_ids), -1, dtype=np.int64)
     row_of_job[fl_jobs] = np.arange(len(fl_jobs))
     sj = m.grp_job[m.seg_group]
@@ -467,7 +492,7 @@ def _laminar_chains(m: _Model) -> np.ndarray | None:
     max_depth = int(depth.max()) + 1 if len(depth) else 0
     anc_g = np.full((m.n_gpu, max(1, max_depth)), -1, dtype=np.int64)
     anc_g[g_s, depth] = d_s
-    return anc_g[m.grp_rep]
+    return np.asarray(anc_g[m.grp_rep], dtype=np.int64)
 
 
 def fast_path_applicable(problem: Problem) -> str | None:
@@ -536,7 +561,9 @@ def _solve_fast(m: _Model, room: np.ndarray) -> tuple[np.ndarray, dict[str, floa
 # --- headroom -------------------------------------------------------------------
 
 
-def _fill_headroom(m: _Model, grp_caps: np.ndarray, room: np.ndarray, rounds: int = 6) -> np.ndarray:
+def _fill_headroom(
+    m: _Model, grp_caps: np.ndarray, room: np.ndarray, rounds: int = 6
+) -> np.ndarray:
     """Raise caps toward the default cap with budget left over (budget objective only).
 
     Among throughput-optimal caps this prefers headroom: a cap above the
@@ -552,7 +579,9 @@ def _fill_headroom(m: _Model, grp_caps: np.ndarray, room: np.ndarray, rounds: in
             break
         slack = np.maximum(room - m.dom_grp @ (caps - m.grp_lo), 0.0)
         demand = m.dom_grp @ need
-        ratio = np.where(demand > 1e-12, np.minimum(1.0, slack / np.where(demand > 0, demand, 1.0)), 1.0)
+        ratio = np.where(
+            demand > 1e-12, np.minimum(1.0, slack / np.where(demand > 0, demand, 1.0)), 1.0
+        )
         vals = ratio[dg.indices]
         r = np.ones(len(caps))
         nz = np.diff(dg.indptr) > 0
@@ -563,7 +592,7 @@ def _fill_headroom(m: _Model, grp_caps: np.ndarray, room: np.ndarray, rounds: in
         if not np.any(step > 1e-9):
             break
         caps = caps + step
-    return np.clip(caps, m.grp_lo, m.grp_hi)
+    return np.asarray(np.clip(caps, m.grp_lo, m.grp_hi), dtype=float)
 
 
 # --- entry point ----------------------------------------------------------------
@@ -602,7 +631,9 @@ def solve_capping(
     shadow: dict[str, float] = {}
     if method in ("auto", "fast") and reason is None:
         grp_caps, shadow = _solve_fast(m, room)
-        t = np.bincount(m.grp_job, m.group_throughput(grp_caps) * m.grp_share, minlength=len(m.job_ids))
+        t = np.bincount(
+            m.grp_job, m.group_throughput(grp_caps) * m.grp_share, minlength=len(m.job_ids)
+        )
         under = np.nonzero(t < m.job_floor - 1e-7 * np.maximum(1.0, m.job_unc))[0]
         used = "fast"
         if len(under):

@@ -659,18 +659,28 @@ def _best_target(lay: _Layout, j: int, exclude: int | None) -> int:
         leftover = lay.free[cand].astype(np.float64) - new_gpus
     mig = np.where(cand != home, d.mig_w[j], 0.0)
     marginal = np.round(d.gpu_idle[cand] * new_gpus + mig, 6)
-    best = np.lexsort((leftover, marginal))[0]
+    # Cheapest first; then the smallest memory that fits (keep big-memory GPUs for the jobs
+    # that need them); then best fit, so nodes fill up and others can empty.
+    best = np.lexsort((leftover, d.mem[cand], marginal))[0]
     return int(cand[best])
 
 
-def _try_empty(lay: _Layout, n: int) -> bool:
-    """Move every job off node ``n`` and power it down if that lowers the objective."""
+def _try_empty(lay: _Layout, n: int, spare: int | None = None) -> bool:
+    """Move every job off node ``n`` and power it down if that lowers the objective.
+
+    With ``spare`` (a powered-down node), that node may be powered on to take the jobs: this
+    replaces an expensive node by a cheaper one.
+    """
     d = lay.d
     jobs = sorted(
         lay.jobs_on(n), key=lambda j: (not d.packs[j], d.gpus[j], lay.size(j)), reverse=True
     )
     snaps = {n: lay.snapshot(n)}
     before_w = lay.node_power_w(n) + sum(lay.mig_w(j) for j in jobs)
+    if spare is not None:
+        snaps[spare] = lay.snapshot(spare)
+        before_w += lay.node_power_w(spare)
+        lay.on[spare] = True
     for j in jobs:
         t = _best_target(lay, j, n)
         if t < 0:
@@ -682,6 +692,8 @@ def _try_empty(lay: _Layout, n: int) -> bool:
         lay.place(j, t)
     else:
         lay.on[n] = False
+        if spare is not None and not lay.jobs_on(spare):
+            lay.on[spare] = False
         after_w = sum(lay.node_power_w(m) for m in snaps) + sum(lay.mig_w(j) for j in jobs)
         if after_w < before_w - 1e-7:
             return True
@@ -690,83 +702,122 @@ def _try_empty(lay: _Layout, n: int) -> bool:
     return False
 
 
+def _empty_pass(lay: _Layout, deadline: float) -> bool:
+    """One pass of "empty a node", least loaded first; True if anything changed."""
+    d = lay.d
+    changed = False
+    order = sorted(
+        (n for n in range(d.n_nodes) if lay.on[n] and not d.forced[n]),
+        key=lambda n: (lay.used(n), -d.node_idle[n]),
+    )
+    for n in order:
+        if time.monotonic() >= deadline:
+            break
+        if lay.on[n] and _try_empty(lay, n):
+            changed = True
+    return changed
+
+
+def _replace_pass(lay: _Layout, deadline: float) -> bool:
+    """One pass of "replace a node by a cheaper powered-down one"; True if anything changed."""
+    d = lay.d
+    changed = False
+    order = sorted(
+        (n for n in range(d.n_nodes) if lay.on[n] and not d.forced[n]),
+        key=lambda n: (-d.node_idle[n], lay.used(n)),
+    )
+    for n in order:
+        if time.monotonic() >= deadline:
+            break
+        if not lay.on[n]:
+            continue
+        spares: dict[tuple[float, float, int], int] = {}
+        for e in np.flatnonzero(~lay.on & (d.node_idle < d.node_idle[n] - _EPS)):
+            spares.setdefault((float(d.node_idle[e]), float(d.mem[e]), int(d.cap[e])), int(e))
+        for e in sorted(spares.values(), key=lambda e: d.node_idle[e]):
+            if _try_empty(lay, n, e):
+                changed = True
+                break
+    return changed
+
+
 def _improve(lay: _Layout, deadline: float) -> _Layout:
-    """Empty nodes, least loaded first, until a pass changes nothing or time runs out."""
+    """Empty nodes and replace expensive ones until nothing changes or time runs out."""
     d = lay.d
     for n in range(d.n_nodes):
         if lay.on[n] and not d.forced[n] and not lay.jobs_on(n):
             lay.on[n] = False
-    changed = True
-    while changed and time.monotonic() < deadline:
-        changed = False
-        order = sorted(
-            (n for n in range(d.n_nodes) if lay.on[n] and not d.forced[n]),
-            key=lambda n: (lay.used(n), -d.node_idle[n]),
-        )
-        for n in order:
-            if time.monotonic() >= deadline:
-                break
-            if lay.on[n] and _try_empty(lay, n):
-                changed = True
+    while time.monotonic() < deadline:
+        emptied = _empty_pass(lay, deadline)
+        if not (_replace_pass(lay, deadline) or emptied):
+            break
     for n in range(d.n_nodes):
         lay.repack(n)
     return lay
 
 
-def _ffd(d: _Data) -> _Layout | None:
-    """First-fit decreasing onto nodes that must stay on first, then the fullest nodes.
+def _ffd(d: _Data, keep: Mapping[int, int] | None = None) -> _Layout | None:
+    """Best-fit decreasing onto nodes that must stay on first, then the fullest nodes.
 
-    Opens just enough nodes for the demand (in GPUs), leaves jobs whose node is open where
-    they are, places the rest by decreasing size and opens more nodes when needed. None when
-    fragmentation leaves a job with nowhere to go (the caller keeps the other start).
+    ``keep`` maps a node class (index into :func:`_node_classes`) to how many of its nodes to
+    open up front (the LP's node counts, rounded up); without it, the fullest nodes are opened
+    until they hold the demand in GPUs. Jobs whose node is open stay; the rest go, biggest
+    first, to the cheapest best-fitting open node; more nodes open when needed. None when
+    fragmentation leaves a job nowhere to go (the caller keeps its other start).
     """
     lay = _Layout(d)
     lay.on[:] = d.forced
     used_now = _current_gpus_used(d)
-    rest = sorted(
-        (n for n in range(d.n_nodes) if not d.forced[n]),
-        key=lambda n: (-used_now[n], d.node_idle[n] / d.cap[n]),
-    )
-    demand = float(np.sum(d.gpus[~d.packs]) + np.sum(d.util[d.packs]))
-    capacity = float(np.sum(d.cap[d.forced]))
-    opened = 0
-    while capacity < demand and opened < len(rest):
-        lay.on[rest[opened]] = True
-        capacity += float(d.cap[rest[opened]])
-        opened += 1
+
+    def fullest(nodes: list[int]) -> list[int]:
+        return sorted(nodes, key=lambda n: (-used_now[n], d.node_idle[n] / d.cap[n]))
+
+    first: list[int] = []
+    later: list[int] = []
+    if keep is None:
+        rest = fullest([n for n in range(d.n_nodes) if not d.forced[n]])
+        demand = float(np.sum(d.gpus[~d.packs]) + np.sum(d.util[d.packs]))
+        capacity = float(np.sum(d.cap[d.forced]))
+        for n in rest:
+            (first if capacity < demand else later).append(n)
+            capacity += float(d.cap[n])
+    else:
+        for c, members in enumerate(_node_classes(d)):
+            free = fullest([n for n in members if not d.forced[n]])
+            first += free[: keep.get(c, 0)]
+            later += free[keep.get(c, 0) :]
+        later = sorted(later, key=lambda n: (d.node_idle[n] / d.cap[n], -used_now[n]))
+    lay.on[first] = True
     order = sorted(
-        range(d.n_jobs), key=lambda j: (d.pinned[j], d.gpus[j], lay.size(j)), reverse=True
+        range(d.n_jobs),
+        key=lambda j: (d.pinned[j], d.gpus[j], d.jmem[j], lay.size(j)),
+        reverse=True,
     )
     left = [j for j in order if not (lay.on[d.cur[j]] and lay.place(j, int(d.cur[j])))]
     if any(d.pinned[j] for j in left):
         return None
-    open_nodes = [int(n) for n in np.flatnonzero(d.forced)] + rest[:opened]
+    later.reverse()  # pop() from the end
     for j in left:
-        if any(lay.place(j, n) for n in open_nodes):
-            continue
-        while opened < len(rest):
-            n = rest[opened]
-            opened += 1
-            open_nodes.append(n)
+        t = _best_target(lay, j, None)
+        while t < 0 and later:
+            n = later.pop()
             lay.on[n] = True
-            if lay.place(j, n):
-                break
-        else:
+            t = n if lay.can_place(j, n) else -1
+        if t < 0:
             return None
-    for n in range(d.n_nodes):
-        if not d.forced[n] and not lay.jobs_on(n):
-            lay.on[n] = False
+        lay.place(j, t)
+    lay.on &= d.forced | np.array([bool(lay.jobs_on(n)) for n in range(d.n_nodes)])
     return lay
 
 
-def _greedy(d: _Data, deadline: float) -> _Layout:
-    """The better of "improve today's placement" and "improve first-fit decreasing"."""
+def _greedy(d: _Data, deadline: float, keep: Mapping[int, int] | None) -> _Layout:
+    """The best of improving today's placement, plain FFD and LP-guided FFD."""
     best = _improve(_current_layout(d), deadline)
-    start = _ffd(d)
-    if start is not None:
-        other = _improve(start, deadline)
-        if other.objective_w() < best.objective_w():
-            best = other
+    for start in (_ffd(d), _ffd(d, keep) if keep is not None else None):
+        if start is not None and time.monotonic() < deadline:
+            other = _improve(start, deadline)
+            if other.objective_w() < best.objective_w():
+                best = other
     return best
 
 
@@ -924,11 +975,13 @@ def _node_classes(d: _Data) -> list[list[int]]:
     return list(groups.values())
 
 
-def _lp_bound_w(m: _Model, time_limit_s: float) -> float:
+def _lp_bound_w(m: _Model, time_limit_s: float) -> tuple[float, NDArray[np.float64] | None]:
+    """The LP relaxation's optimum (a valid lower bound) and its nodes-on per class."""
     res = _solve(m, relax=True, time_limit_s=time_limit_s)
-    if res.status != 0 or res.fun is None:
-        return 0.0  # always valid (every power term is non-negative)
-    return float(res.fun) + m.constant
+    if res.status != 0 or res.x is None:
+        return 0.0, None  # always valid: every power term is non-negative
+    n_opt = len(m.opt_job)
+    return float(res.fun) + m.constant, np.asarray(res.x[n_opt : n_opt + len(m.classes)])
 
 
 def _layout_from_milp(
@@ -988,12 +1041,19 @@ def solve_consolidation(
     pairs = int(np.sum(fits[~d.pinned]))
     use_milp = method == "milp" or (method == "auto" and pairs <= milp_max_pairs)
 
-    best = _greedy(d, start + 0.5 * time_limit_s if use_milp else deadline)
+    # The aggregated LP is cheap at any size: its bound is always valid, and its node counts
+    # per class tell the greedy which kind of node to keep on.
+    aggregated = _build_model(d, _node_classes(d))
+    bound, nodes_on = _lp_bound_w(aggregated, max(deadline - time.monotonic(), 1.0))
+    keep = None
+    if nodes_on is not None:
+        keep = {c: math.ceil(float(y) - 1e-6) for c, y in enumerate(nodes_on)}
+    best = _greedy(d, start + 0.5 * time_limit_s if use_milp else deadline, keep)
     best_method: Literal["milp", "greedy"] = "greedy"
     status = "heuristic"
     if use_milp:
         exact = _build_model(d, [[n] for n in range(d.n_nodes)])
-        bound = _lp_bound_w(exact, max(deadline - time.monotonic(), 0.05))
+        bound = max(bound, _lp_bound_w(exact, max(deadline - time.monotonic(), 0.05))[0])
         res = _solve(exact, relax=False, time_limit_s=deadline - time.monotonic())
         status = "milp_no_solution"
         if res.x is not None:
@@ -1004,9 +1064,6 @@ def solve_consolidation(
             lay = _layout_from_milp(d, exact, np.asarray(res.x), deadline + 1.0)
             if lay is not None and lay.objective_w() <= best.objective_w() + 1e-7:
                 best, best_method = lay, "milp"
-    else:
-        aggregated = _build_model(d, _node_classes(d))
-        bound = _lp_bound_w(aggregated, max(deadline - time.monotonic(), 1.0))
     return _result(
         d, best, method=best_method, status=status, bound_w=bound, time_s=time.monotonic() - start
     )

@@ -15,6 +15,7 @@ a prior shape scaled to what was observed (see ``docs/problem-format.md``).
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class Curve:
 
     def values(self, x: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`value`."""
-        return np.interp(x, np.asarray(self.x_w), np.asarray(self.y))
+        return np.asarray(np.interp(x, np.asarray(self.x_w), np.asarray(self.y)), dtype=float)
 
     def segments(self) -> list[Segment]:
         """The linear pieces in order; their slopes are non-increasing."""
@@ -153,7 +154,7 @@ class Curve:
         scale = max((abs(s) for s in slopes), default=1.0) or 1.0
         if any(s < -tol * scale for s in slopes):
             return False
-        return all(b <= a + tol * scale for a, b in zip(slopes, slopes[1:], strict=False))
+        return all(b <= a + tol * scale for a, b in itertools.pairwise(slopes))
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,11 @@ def _sample_points(job: Job) -> list[tuple[float, float]]:
 
 
 def _is_concave_monotone(xs: Sequence[float], ys: Sequence[float]) -> bool:
-    scale = max(1e-12, max(abs(y) for y in ys))
+    scale = max(1e-12, *(abs(y) for y in ys))
     slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
     if any(s < -1e-12 * scale for s in slopes):
         return False
-    return all(b <= a + 1e-12 * scale for a, b in zip(slopes, slopes[1:], strict=False))
+    return all(b <= a + 1e-12 * scale for a, b in itertools.pairwise(slopes))
 
 
 def concave_l1_fit(

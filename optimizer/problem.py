@@ -205,7 +205,9 @@ class _Reader:
         out: list[str] = []
         for i, v in enumerate(items):
             if not isinstance(v, str) or not v:
-                raise self.fail(f"{_join(path, key)}[{i}]", f"expected an id string, got {_tname(v)}")
+                raise self.fail(
+                    f"{_join(path, key)}[{i}]", f"expected an id string, got {_tname(v)}"
+                )
             out.append(v)
         return tuple(out)
 
@@ -264,7 +266,9 @@ def parse_problem(obj: object, source: str = "<dict>") -> Problem:
     top = r.obj(obj, "", _TOP_KEYS)
     version = r.require(top, "version", "")
     if isinstance(version, bool) or version != PROBLEM_VERSION:
-        raise r.fail("version", f"unsupported version {version!r}; this dcenergy reads {PROBLEM_VERSION}")
+        raise r.fail(
+            "version", f"unsupported version {version!r}; this dcenergy reads {PROBLEM_VERSION}"
+        )
 
     domains = _parse_domains(r, top)
     domain_ids = {d.id for d in domains}
@@ -316,7 +320,10 @@ def _parse_gpus(r: _Reader, top: Mapping[str, Any], domain_ids: set[str]) -> tup
             raise r.fail(f"{p}.min_w", f"min_w {min_w:g} is above max_w {max_w:g}")
         default_w = r.number(o, "default_w", p, positive=True)
         if not min_w <= default_w <= max_w:
-            raise r.fail(f"{p}.default_w", f"{default_w:g} is outside [min_w, max_w] = [{min_w:g}, {max_w:g}]")
+            raise r.fail(
+                f"{p}.default_w",
+                f"{default_w:g} is outside [min_w, max_w] = [{min_w:g}, {max_w:g}]",
+            )
         idle_w = r.number(o, "idle_w", p)
         if idle_w > max_w:
             raise r.fail(f"{p}.idle_w", f"idle draw {idle_w:g} is above max_w {max_w:g}")

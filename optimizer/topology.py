@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dcenergy.errors import InputError
+from optimizer.problem import DOMAIN_KINDS
 
 TOPOLOGY_VERSION = 1
 
@@ -35,7 +36,7 @@ class Domain:
     id: str
     budget_w: float
     baseline_w: float = 0.0
-    kind: str = "domain"
+    kind: str = "other"
     parent: str | None = None
 
 
@@ -64,6 +65,12 @@ def _num(path: str, field: str, v: Any, *, positive: bool) -> float:
     if v < 0 or (positive and v == 0):
         raise InputError(path, field, f"expected a number {'> 0' if positive else '>= 0'}, got {v}")
     return float(v)
+
+
+def _kind(path: str, field: str, v: Any) -> str:
+    if v not in DOMAIN_KINDS:
+        raise InputError(path, field, "expected one of " + ", ".join(sorted(DOMAIN_KINDS)))
+    return str(v)
 
 
 def parse_topology(obj: Any, source: str = "<topology>") -> Topology:
@@ -98,7 +105,7 @@ def parse_topology(obj: Any, source: str = "<topology>") -> Topology:
                 baseline_w=_num(
                     source, f"{f}.baseline_w", d.get("baseline_w", 0.0), positive=False
                 ),
-                kind=str(d.get("kind", "domain")),
+                kind=_kind(source, f"{f}.kind", d.get("kind", "other")),
                 parent=parent,
             )
         )

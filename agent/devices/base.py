@@ -18,7 +18,6 @@ Error contract, for every backend:
 from __future__ import annotations
 
 import dataclasses
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
@@ -145,7 +144,7 @@ class EnergyCounter:
 
 def check_power_limit(watts: float, limits: PowerLimits, *, gpu: int) -> None:
     """Refuse a power limit outside [min, max] (or not finite) with a clear message."""
-    if not math.isfinite(watts) or not limits.contains(watts):
+    if not limits.contains(watts):  # NaN compares false, so it is refused too
         raise SetpointOutOfRange(
             f"GPU {gpu}: power limit {watts} W is outside the allowed range "
             f"[{limits.min_w:g}, {limits.max_w:g}] W",

@@ -43,15 +43,19 @@ def _with_simulate(cfg: Config, simulate: int) -> Config:
     return replace(cfg, agent=replace(cfg.agent, simulate=simulate, backend="simulated"))
 
 
+def _hint_simulate(cfg: Config, e: DeviceError) -> None:
+    """An NVML failure gets a pointer at the simulator (the one way to try it without a GPU)."""
+    if not cfg.agent.simulate and cfg.agent.backend == "nvml" and e.hint is None:
+        e.hint = SIMULATE_HINT
+
+
 def _open_backend(cfg: Config) -> DeviceBackend:
-    """The configured backend; an NVML failure gets a hint at the simulator."""
     from agent.daemon import open_agent_backend
 
     try:
         return open_agent_backend(cfg)
     except DeviceError as e:
-        if not cfg.agent.simulate and cfg.agent.backend == "nvml" and e.hint is None:
-            e.hint = SIMULATE_HINT
+        _hint_simulate(cfg, e)
         raise
 
 
@@ -68,9 +72,12 @@ def run(
     from agent.daemon import AgentDaemon
 
     cfg = _with_simulate(state(ctx).config(), simulate)
-    backend = _open_backend(cfg)
-    daemon = AgentDaemon(cfg, backend=backend)
-    raise typer.Exit(daemon.run(duration_s=duration))
+    try:
+        code = AgentDaemon(cfg).run(duration_s=duration)
+    except DeviceError as e:  # NVML could not start: nothing was sampled
+        _hint_simulate(cfg, e)
+        raise
+    raise typer.Exit(code)
 
 
 @app.command("once")

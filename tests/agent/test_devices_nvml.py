@@ -203,6 +203,19 @@ def test_lost_gpu_gives_lost_sample_and_others_keep_sampling(
         gpu1.set_power_limit_w(400.0)
 
 
+def test_setter_on_a_gpu_that_just_got_lost_marks_it_lost(
+    fake: FakeNvml, backend: NvmlBackend
+) -> None:
+    fake.lose(0)
+    gpu = _gpu(backend, 0)
+    with pytest.raises(DeviceLost):
+        gpu.set_power_limit_w(500.0)
+    assert gpu.lost
+    n_calls = len(fake.calls)
+    assert gpu.sample().lost
+    assert len(fake.calls) == n_calls
+
+
 def test_unknown_error_on_a_lost_gpu_means_lost(fake: FakeNvml, backend: NvmlBackend) -> None:
     fake.fail("nvmlDeviceGetFieldValues", gpu=1, code=pynvml.NVML_ERROR_UNKNOWN)
     fake.fail("nvmlDeviceGetUUID", gpu=1, code=pynvml.NVML_ERROR_GPU_IS_LOST)

@@ -275,7 +275,7 @@ def test_throughput_fraction_shapes(h100: SimulatedGpu) -> None:
     assert h100.throughput_fraction() == 1.0
     h100.set_power_limit_w(0.7 * 700.0)
     compute_70 = h100.throughput_fraction()
-    assert 0.85 <= compute_70 <= 0.95
+    assert 0.86 <= compute_70 <= 0.92  # ~0.9: compute-bound work loses about 10 %
     h100.set_workload(1.0, "memory")
     assert h100.throughput_fraction() >= 0.97
     h100.set_workload(0.0)

@@ -37,6 +37,7 @@ def base() -> dict[str, Any]:
         (lambda t: t["hosts"]["node-1"].update(domains=["x"]), "hosts.node-1.domains", "unknown"),
         (lambda t: t["hosts"]["node-1"].update(budget_w=-5), "hosts.node-1.budget_w", ">"),
         (lambda t: t.update(default_domains=["x"]), "default_domains", "known"),
+        (lambda t: t["domains"][0].update(kind="moon"), "domains[0].kind", "rack"),
     ],
 )
 def test_each_bad_field_is_named(mutate: Any, field: str, words: str) -> None:

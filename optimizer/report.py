@@ -1,0 +1,160 @@
+"""A plan as text for people: what changes, what it costs, what it buys.
+
+Pure: it takes the problem and the plan and returns a string; the CLI prints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from optimizer.plan import Plan
+from optimizer.problem import Problem
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [
+        fmt.format(*r) for r in rows
+    ]
+
+
+def _w(x: float) -> str:
+    return f"{x / 1000:.2f} kW" if abs(x) >= 10_000 else f"{x:.0f} W"
+
+
+def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
+    """The plan as a readable report: domains, jobs, moves, shadow prices, baselines."""
+    out: list[str] = []
+    s = plan.solver
+    out.append(f"Plan {plan.plan_id}  objective: {plan.objective.get('kind')}")
+    feasible = "yes" if s.feasible else "NO"
+    out.append(f"solver: {s.method}, {s.status}, {s.time_s * 1000:.0f} ms, feasible: {feasible}")
+    for short in s.infeasible_domains:
+        out.append(
+            f"  ! domain {short.id}: budget short by {short.shortfall_w:.0f} W even with every GPU "
+            "at its minimum; its GPUs are held at minimum (best effort)"
+        )
+    if s.slowdown_exceeded:
+        out.append("  ! jobs past their allowed slowdown: " + ", ".join(s.slowdown_exceeded))
+    out.append("")
+
+    # domains
+    now = _now_by_domain(problem)
+    rows = []
+    for d in problem.domains[:max_rows]:
+        before = plan.before.domain_power_w.get(d.id, 0.0)
+        after = plan.after.domain_power_w.get(d.id, 0.0)
+        rows.append(
+            [
+                d.id,
+                d.kind or "",
+                _w(d.budget_w),
+                _w(now[d.id]) if d.id in now else _w(before),
+                _w(after),
+                _w(before - after),
+                f"{plan.shadow_prices.get(d.id, 0.0):.3g}",
+            ]
+        )
+    out.append("Domains (power = predicted GPU draw + baseline)")
+    out += _table(["domain", "kind", "budget", "now", "planned", "saved", "value/kW"], rows)
+    if len(problem.domains) > max_rows:
+        out.append(f"... {len(problem.domains) - max_rows} more domains")
+    out.append("")
+
+    # jobs
+    caps = {sp.gpu: sp.power_limit_w for sp in plan.setpoints}
+    clocks = {sp.gpu: sp.sm_clock_max_mhz for sp in plan.setpoints}
+    rows = []
+    for j in problem.jobs[:max_rows]:
+        jc = [caps.get(g, 0.0) for g in j.gpus]
+        cap_txt = f"{min(jc):.0f}" if max(jc) - min(jc) < 0.5 else f"{min(jc):.0f}-{max(jc):.0f}"
+        clk = [c for c in (clocks.get(g) for g in j.gpus) if c is not None]
+        b = plan.before.job_throughput.get(j.id, 0.0)
+        a = plan.after.job_throughput.get(j.id, 0.0)
+        slow = (1 - a / b) * 100 if b > 0 else 0.0
+        rows.append(
+            [
+                j.id,
+                str(len(j.gpus)),
+                cap_txt + " W",
+                f"{min(clk)} MHz" if clk else "-",
+                f"{a:.4g} {j.unit}/s",
+                f"{slow:.1f} %",
+                f"{j.allowed_slowdown * 100:.0f} %",
+            ]
+        )
+    out.append("Jobs")
+    out += _table(["job", "gpus", "cap", "sm clock", "throughput", "slowdown", "allowed"], rows)
+    if len(problem.jobs) > max_rows:
+        out.append(f"... {len(problem.jobs) - max_rows} more jobs")
+    out.append("")
+
+    out.append(
+        f"Fleet GPU power: {_w(plan.before.fleet_power_w)} -> {_w(plan.after.fleet_power_w)} "
+        f"(saves {_w(plan.before.fleet_power_w - plan.after.fleet_power_w)})"
+    )
+    o = problem.objective
+    if o.price_per_kwh or o.carbon_g_per_kwh:
+        saved_kw = (plan.before.fleet_power_w - plan.after.fleet_power_w) / 1000 * o.pue
+        out.append(
+            f"  per day: {saved_kw * 24:.1f} kWh, {saved_kw * 24 * o.price_per_kwh:.2f} money, "
+            f"{saved_kw * 24 * o.carbon_g_per_kwh / 1000:.1f} kg CO2 (PUE {o.pue:g})"
+        )
+    out.append("")
+
+    if plan.consolidation:
+        out += _consolidation(plan.consolidation)
+        out.append("")
+
+    if plan.baselines:
+        rows = [
+            [name, f"{b.throughput:.4g}", _w(b.power_w), ", ".join(b.budget_violations) or "-"]
+            for name, b in plan.baselines.items()
+        ]
+        out.append("Policies compared (throughput = sum of weight x fraction of uncapped)")
+        out += _table(["policy", "throughput", "GPU power", "over budget"], rows)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _now_by_domain(problem: Problem) -> dict[str, float]:
+    """Measured draw per domain where every GPU in it reports current_w."""
+    out: dict[str, float] = {d.id: d.baseline_w for d in problem.domains}
+    missing: set[str] = set()
+    for g in problem.gpus:
+        for d in g.domains:
+            if g.current_w is None:
+                missing.add(d)
+            else:
+                out[d] += g.current_w
+    return {k: v for k, v in out.items() if k not in missing}
+
+
+def _consolidation(c: Mapping[str, Any]) -> list[str]:
+    out = ["Consolidation"]
+    for key in (
+        "gpus_freed",
+        "nodes_freed",
+        "savings_w",
+        "kwh_day",
+        "cost_day",
+        "co2_kg_day",
+        "gap",
+    ):
+        if key in c and c[key] is not None:
+            out.append(f"  {key}: {c[key]}")
+    moves = c.get("moves") or []
+    for mv in moves[:50]:
+        if isinstance(mv, Mapping):
+            out.append("  move " + ", ".join(f"{k}={v}" for k, v in mv.items()))
+        else:
+            out.append(f"  move {mv}")
+    if len(moves) > 50:
+        out.append(f"  ... {len(moves) - 50} more moves")
+    return out
+
+
+__all__ = ["render_report"]
