@@ -734,8 +734,8 @@ def _replace_pass(lay: _Layout, deadline: float) -> bool:
         spares: dict[tuple[float, float, int], int] = {}
         for e in np.flatnonzero(~lay.on & (d.node_idle < d.node_idle[n] - _EPS)):
             spares.setdefault((float(d.node_idle[e]), float(d.mem[e]), int(d.cap[e])), int(e))
-        for e in sorted(spares.values(), key=lambda e: d.node_idle[e]):
-            if _try_empty(lay, n, e):
+        for spare in sorted(spares.values(), key=lambda e: d.node_idle[e]):
+            if _try_empty(lay, n, spare):
                 changed = True
                 break
     return changed
@@ -788,16 +788,19 @@ def _ffd(d: _Data, keep: Mapping[int, int] | None = None) -> _Layout | None:
             later += free[keep.get(c, 0) :]
         later = sorted(later, key=lambda n: (d.node_idle[n] / d.cap[n], -used_now[n]))
     lay.on[first] = True
+    # Pinned jobs, then the jobs that fit on the fewest nodes (big memory), then by size.
+    fit_count = np.sum(d.jmem[:, None] <= d.mem[None, :] + _EPS, axis=1)
     order = sorted(
         range(d.n_jobs),
-        key=lambda j: (d.pinned[j], d.gpus[j], d.jmem[j], lay.size(j)),
-        reverse=True,
+        key=lambda j: (not d.pinned[j], fit_count[j], -d.gpus[j], -d.jmem[j], -lay.size(j)),
     )
-    left = [j for j in order if not (lay.on[d.cur[j]] and lay.place(j, int(d.cur[j])))]
-    if any(d.pinned[j] for j in left):
-        return None
     later.reverse()  # pop() from the end
-    for j in left:
+    for j in order:
+        home = int(d.cur[j])
+        if lay.on[home] and lay.place(j, home):
+            continue
+        if d.pinned[j]:
+            return None
         t = _best_target(lay, j, None)
         while t < 0 and later:
             n = later.pop()

@@ -65,7 +65,10 @@ def test_mode_is_dvfs_when_clocks_are_planned() -> None:
         ({"expires_ns": NOW - 1}, "expires_ns"),
         ({"mode": "turbo"}, "mode"),
         ({"setpoints": [{"gpu": "G", "host": "h", "power_limit_w": -1}]}, "power_limit_w"),
-        ({"setpoints": [{"gpu": "G", "host": "h", "power_limit_w": float("nan")}]}, "power_limit_w"),
+        (
+            {"setpoints": [{"gpu": "G", "host": "h", "power_limit_w": float("nan")}]},
+            "power_limit_w",
+        ),
         ({"setpoints": [{"gpu": "G", "host": "h", "power_limit_w": True}]}, "power_limit_w"),
         ({"setpoints": [{"gpu": "G", "host": "h", "sm_clock_max_mhz": 1.5}]}, "sm_clock_max_mhz"),
         ({"setpoints": [{"gpu": "G", "host": "h"}]}, "setpoints[0]"),
