@@ -1,4 +1,4 @@
-"""The node agent daemon: sample → spool every ``interval_s``, spool → store every ``ship_interval_s``.
+"""The node agent daemon: sample → spool every ``interval_s``, ship → store on ``ship_interval_s``.
 
 Scheduling is APScheduler 3's ``BackgroundScheduler``; the main thread only
 waits for a stop request (SIGTERM/SIGINT, ``stop()``, or the end of
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.devices.base import DeviceBackend
 from agent.notify import Notifier
 from agent.sampler import Sampler
-from agent.selfstats import agent_point
+from agent.selfstats import ErrorCounter, agent_point
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
 from dcenergy.lineprotocol import WriteResult
@@ -135,7 +135,7 @@ class AgentDaemon:
             self._schedule_extra(job)
 
     def run(self, duration_s: float | None = None) -> int:
-        """Start, wait for SIGTERM/SIGINT/``stop()`` (or ``duration_s``), shut down; 0 when clean."""
+        """Start, wait for SIGTERM/SIGINT/``stop()`` or ``duration_s``, shut down; 0 when clean."""
         restore = self._install_signal_handlers()
         try:
             self.start()
@@ -192,15 +192,18 @@ class AgentDaemon:
         if not self._started:
             return
         self._started = False
-        self.notifier.stopping("flushing the spool")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)  # a running cycle completes; nothing new starts
             self._scheduler = None
+        # After the last cycle, so no WATCHDOG=1 can follow STOPPING=1.
+        self.notifier.stopping("flushing the spool")
         if self._spool is not None and self._shipper is not None:
             self._put_self_stats()
             depth = self._flush(self.flush_timeout_s)
             if depth:
-                log.warning("stopping with %d points still in the spool (shipped next start)", depth)
+                log.warning(
+                    "stopping with %d points still in the spool (shipped next start)", depth
+                )
         self._close_parts()
         log.info("agent stopped")
 
@@ -369,7 +372,8 @@ class AgentDaemon:
     def _put_self_stats(self) -> None:
         if self.sampler is None or self._spool is None or self._shipper is None:
             return
-        others = [p for p in (self._host_collector, self._resolver, self._tracker) if p]
+        others: list[ErrorCounter] = [self.notifier]
+        others += [p for p in (self._host_collector, self._resolver, self._tracker) if p]
         try:
             p = agent_point(
                 host=self.host,
@@ -377,7 +381,7 @@ class AgentDaemon:
                 sampler=self.sampler,
                 spool=self._spool.counters(),
                 shipper=self._shipper.counters,
-                other_errors=[*others, self.notifier],
+                other_errors=others,
                 daemon_errors_total=self.errors_total,
                 daemon_last_error=self.last_error,
             )
@@ -401,7 +405,9 @@ class AgentDaemon:
             self._logged.add(part)
             unexpected = not isinstance(err, DcenergyError | OSError)
             log.error(
-                "%s failed: %s (logged once; counted in errors_total)", part, err,
+                "%s failed: %s (logged once; counted in errors_total)",
+                part,
+                err,
                 exc_info=err if unexpected else None,
             )
 

@@ -131,7 +131,7 @@ class AuditRecord:
 class Reconciler:
     """Applies this host's signed plan part to its GPUs, safely (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0917 (the agent-wide constructor signature)
+    def __init__(
         self,
         devices: Sequence[GpuDevice],
         host: str,
@@ -141,7 +141,7 @@ class Reconciler:
         state_dir: Path,
         clock_ns: Callable[[], int] = time.time_ns,
         *,
-        audit_sink: Callable[[Sequence[schema.Point]], None] | None = None,
+        audit_sink: Callable[[Sequence[schema.Point]], object] | None = None,
         lookback_s: float = DEFAULT_LOOKBACK_S,
     ) -> None:
         self._devices = {d.identity.uuid: d for d in devices}
@@ -318,6 +318,8 @@ class Reconciler:
                 )
         except DeviceError as e:
             records.append(_rec(ERROR, uuid, f"device: {e}", ctx, now_ns))
+        except OSError as e:  # the state dir: saved limits could not be updated
+            records.append(_rec(ERROR, uuid, f"state: {e}", ctx, now_ns))
         return records
 
     def _thermal_guard(
@@ -597,7 +599,7 @@ class Reconciler:
             return
         try:
             self._sink([r.to_point(self.host) for r in fresh])
-        except (StoreError, OSError) as e:
+        except Exception as e:  # an audit write must never stop the reconciler
             self.audit_errors_total += 1
             if self.audit_errors_total == 1:
                 log.error("cannot write audit records (counting further failures): %s", e)

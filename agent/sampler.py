@@ -56,9 +56,9 @@ class RateLike(Protocol):
 
 
 class RateSource(Protocol):
-    def rates(self, now_s: float, active_jobs: Iterable[str] | None = None) -> Mapping[
-        str, RateLike
-    ]: ...
+    def rates(
+        self, now_s: float, active_jobs: Iterable[str] | None = None
+    ) -> Mapping[str, RateLike]: ...
 
 
 @dataclass(slots=True)
@@ -199,8 +199,12 @@ class Sampler:
             except Exception as e:
                 self._fail("throughput.rates", e)
         return [
-            point(JOB, {TAG_HOST: self.host, TAG_JOB: job}, _job_fields(samples, rates.get(job)),
-                  time_ns)
+            point(
+                JOB,
+                {TAG_HOST: self.host, TAG_JOB: job},
+                _job_fields(samples, rates.get(job)),
+                time_ns,
+            )
             for job, samples in sorted(by_job.items())
         ]
 

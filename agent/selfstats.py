@@ -15,35 +15,51 @@ from dcenergy.schema import AGENT, TAG_HOST, FieldValue, Point, point
 
 
 class SamplerStats(Protocol):
-    samples_total: int
-    errors_total: int
-    last_error: str
-    cycle_s: float | None
+    @property
+    def samples_total(self) -> int: ...
+    @property
+    def errors_total(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def cycle_s(self) -> float | None: ...
 
 
 class SpoolStats(Protocol):
     """``agent.spool.SpoolCounters``: persisted totals, exact after a crash."""
 
-    points_spooled_total: int
-    dropped_overflow_total: int
-    dropped_invalid_total: int
-    spool_depth: int
-    spool_bytes: int
+    @property
+    def points_spooled_total(self) -> int: ...
+    @property
+    def dropped_overflow_total(self) -> int: ...
+    @property
+    def dropped_invalid_total(self) -> int: ...
+    @property
+    def spool_depth(self) -> int: ...
+    @property
+    def spool_bytes(self) -> int: ...
 
 
 class ShipperStats(Protocol):
     """``agent.shipper.ShipperCounters``: totals since this process started."""
 
-    points_shipped_total: int
-    dropped_rejected_total: int
-    dropped_partial_total: int
-    errors_total: int
-    last_error: str
-    ship_latency_s: float | None
+    @property
+    def points_shipped_total(self) -> int: ...
+    @property
+    def dropped_rejected_total(self) -> int: ...
+    @property
+    def dropped_partial_total(self) -> int: ...
+    @property
+    def errors_total(self) -> int: ...
+    @property
+    def last_error(self) -> str: ...
+    @property
+    def ship_latency_s(self) -> float | None: ...
 
 
 class ErrorCounter(Protocol):
-    errors_total: int
+    @property
+    def errors_total(self) -> int: ...
 
 
 def agent_point(

@@ -26,13 +26,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.devices.simulated import SimulatedBackend  # noqa: E402
-from agent.host import HostCollector  # noqa: E402
-from agent.jobs import JobResolver  # noqa: E402
-from agent.rapl import RaplReader  # noqa: E402
-from agent.sampler import Sampler  # noqa: E402
-from agent.spool import Spool  # noqa: E402
-from agent.throughput import ThroughputTracker  # noqa: E402
+from agent.devices.simulated import SimulatedBackend
+from agent.host import HostCollector
+from agent.jobs import JobResolver
+from agent.rapl import RaplReader
+from agent.sampler import Sampler
+from agent.spool import Spool
+from agent.throughput import ThroughputTracker
 
 TARGET_CPU_MS = 2.0
 TARGET_RSS_MB = 60.0
@@ -84,15 +84,21 @@ def main() -> int:
 
     cpu_ms = cpu_total / args.cycles * 1e3
     rss_mb = rss / 2**20
-    print(f"agent overhead: {args.gpus} simulated GPUs, {args.cycles} cycles, "
-          f"{points / args.cycles:.0f} points/cycle, Python {sys.version.split()[0]}")
-    print(f"  CPU per cycle (sample + spool.put): mean {cpu_ms:.3f} ms, "
-          f"median {statistics.median(per_cycle) * 1e3:.3f} ms, "
-          f"p95 {sorted(per_cycle)[int(0.95 * len(per_cycle))] * 1e3:.3f} ms "
-          f"(target <= {TARGET_CPU_MS} ms) {'OK' if cpu_ms <= TARGET_CPU_MS else 'OVER'}")
+    print(
+        f"agent overhead: {args.gpus} simulated GPUs, {args.cycles} cycles, "
+        f"{points / args.cycles:.0f} points/cycle, Python {sys.version.split()[0]}"
+    )
+    print(
+        f"  CPU per cycle (sample + spool.put): mean {cpu_ms:.3f} ms, "
+        f"median {statistics.median(per_cycle) * 1e3:.3f} ms, "
+        f"p95 {sorted(per_cycle)[int(0.95 * len(per_cycle))] * 1e3:.3f} ms "
+        f"(target <= {TARGET_CPU_MS} ms) {'OK' if cpu_ms <= TARGET_CPU_MS else 'OVER'}"
+    )
     print(f"  at 1 s interval: {cpu_ms / 10:.3f} % of one core")
-    print(f"  RSS: {rss_mb:.1f} MB (at start {rss_start / 2**20:.1f} MB; "
-          f"target <= {TARGET_RSS_MB} MB) {'OK' if rss_mb <= TARGET_RSS_MB else 'OVER'}")
+    print(
+        f"  RSS: {rss_mb:.1f} MB (at start {rss_start / 2**20:.1f} MB; "
+        f"target <= {TARGET_RSS_MB} MB) {'OK' if rss_mb <= TARGET_RSS_MB else 'OVER'}"
+    )
     print(f"  spool: {spool_bytes / 2**20:.2f} MB for {points} points")
     return 0
 

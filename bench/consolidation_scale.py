@@ -28,12 +28,16 @@ _NODE_TYPES = (
 )
 
 
-def random_fleet(n_jobs: int, n_nodes: int = 500, gpus_per_node: int = 8, seed: int = 0) -> dict[str, Any]:
+def random_fleet(
+    n_jobs: int, n_nodes: int = 500, gpus_per_node: int = 8, seed: int = 0
+) -> dict[str, Any]:
     """A ``"consolidation"`` section with a feasible, randomly spread current placement."""
     rng = random.Random(seed)
     nodes: list[dict[str, Any]] = []
     for i in range(n_nodes):
-        _, mem, idle, gidle, act = _NODE_TYPES[0] if rng.random() < _NODE_TYPES[0][0] else _NODE_TYPES[1]
+        _, mem, idle, gidle, act = (
+            _NODE_TYPES[0] if rng.random() < _NODE_TYPES[0][0] else _NODE_TYPES[1]
+        )
         nodes.append(
             {
                 "id": f"node{i:04d}",
@@ -66,7 +70,11 @@ def random_fleet(n_jobs: int, n_nodes: int = 500, gpus_per_node: int = 8, seed: 
                 continue
             if shareable:
                 slot = next(
-                    (s for s in shared[n] if s[0] + util <= 1 and s[1] + mem <= nodes[n]["mem_per_gpu_gb"]),
+                    (
+                        s
+                        for s in shared[n]
+                        if s[0] + util <= 1 and s[1] + mem <= nodes[n]["mem_per_gpu_gb"]
+                    ),
                     None,
                 )
                 if slot is None and free[n] >= 1 and rng.random() < 0.5:

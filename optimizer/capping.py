@@ -47,13 +47,15 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from typing import Final, Literal
 
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog
 
-from optimizer.curves import CurveFit, fit_curves
+from optimizer.curves import Curve, CurveFit, fit_curves
 from optimizer.problem import Gpu, Problem
 
 Method = Literal["auto", "lp", "fast"]
@@ -122,6 +124,7 @@ class _Model:
     n_dom: int
     gpu_group: np.ndarray  # int, -1 for idle
     idle_w: np.ndarray
+    default_w: np.ndarray
     member: sparse.csr_matrix  # domains x gpus, 0/1
     # groups
     grp_job: np.ndarray
@@ -149,6 +152,7 @@ class _Model:
     fixed_w: np.ndarray  # baseline + idle GPUs
     room: np.ndarray  # budget - fixed - sum lo (may be < 0)
     sync_split: bool  # a synchronous job spans different domain sets
+    chains: np.ndarray | Literal[False] | None = None  # cache of _laminar_chains
 
     @property
     def grp_share(self) -> np.ndarray:
@@ -163,101 +167,131 @@ class _Model:
 
     def gpu_caps(self, grp_caps: np.ndarray) -> np.ndarray:
         """Per-GPU caps: the group's cap, or the default for idle GPUs."""
-        out = np.array([g.default_w for g in self.problem.gpus], dtype=float)
+        out = self.default_w.copy()
         busy = self.gpu_group >= 0
         out[busy] = grp_caps[self.gpu_group[busy]]
         return out
 
 
 def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
+    """Flatten a problem into arrays; Python loops only per job and per GPU, never per nonzero."""
     gpus = problem.gpus
     n_gpu, n_dom = len(gpus), len(problem.domains)
     gidx, didx = problem.gpu_index, problem.domain_index
+    # map/attrgetter keep the per-GPU passes in C: 100k GPUs cost milliseconds, not 0.1 s each
+    min_w, max_w, default_w, idle_w = (
+        np.fromiter(map(attrgetter(a), gpus), dtype=float, count=n_gpu)
+        for a in ("min_w", "max_w", "default_w", "idle_w")
+    )
     # domain membership (domains x gpus)
-    counts = np.fromiter((len(g.domains) for g in gpus), dtype=np.int64, count=n_gpu)
+    dom_lists = list(map(attrgetter("domains"), gpus))
+    counts = np.fromiter(map(len, dom_lists), dtype=np.int64, count=n_gpu)
     cols = np.repeat(np.arange(n_gpu), counts)
     rows = np.fromiter(
-        (didx[d] for g in gpus for d in g.domains), dtype=np.int64, count=int(counts.sum())
+        map(didx.__getitem__, chain.from_iterable(dom_lists)),
+        dtype=np.int64,
+        count=int(counts.sum()),
     )
     member = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_dom, n_gpu))
-    min_w = np.fromiter((g.min_w for g in gpus), dtype=float, count=n_gpu)
-    max_w = np.fromiter((g.max_w for g in gpus), dtype=float, count=n_gpu)
-    default_w = np.fromiter((g.default_w for g in gpus), dtype=float, count=n_gpu)
-    idle_w = np.fromiter((g.idle_w for g in gpus), dtype=float, count=n_gpu)
 
+    # groups: one per synchronous job, one per GPU of any other job
+    jobs = problem.jobs
+    n_jobs = len(jobs)
+    job_ids = [j.id for j in jobs]
+    job_k_i = np.fromiter(map(len, map(attrgetter("gpus"), jobs)), dtype=np.int64, count=n_jobs)
+    sync = np.fromiter((j.synchronous for j in jobs), dtype=bool, count=n_jobs)
+    flat = np.fromiter(
+        map(gidx.__getitem__, chain.from_iterable(map(attrgetter("gpus"), jobs))),
+        dtype=np.int64,
+        count=int(job_k_i.sum()),
+    )
+    flat_job = np.repeat(np.arange(n_jobs), job_k_i)
+    pos = np.arange(len(flat)) - np.repeat(np.cumsum(job_k_i) - job_k_i, job_k_i)
+    grp_per_job = np.where(sync, 1, job_k_i)
+    grp_start = np.cumsum(grp_per_job) - grp_per_job
+    n_groups = int(grp_per_job.sum())
     gpu_group = np.full(n_gpu, -1, dtype=np.int64)
-    gpu_job = np.full(n_gpu, -1, dtype=np.int64)
-    grp_job_l: list[int] = []
-    sync_split = False
-    n_groups = 0
-    for j, job in enumerate(problem.jobs):
-        members = [gidx[g] for g in job.gpus]
-        gpu_job[members] = j
-        if job.synchronous:
-            gpu_group[members] = n_groups
-            grp_job_l.append(j)
-            n_groups += 1
-            first = set(gpus[members[0]].domains)
-            if any(set(gpus[m].domains) != first for m in members[1:]):
-                sync_split = True
-        else:
-            gpu_group[members] = np.arange(n_groups, n_groups + len(members))
-            grp_job_l.extend([j] * len(members))
-            n_groups += len(members)
-    grp_job = np.asarray(grp_job_l, dtype=np.int64)
+    gpu_group[flat] = grp_start[flat_job] + np.where(sync[flat_job], 0, pos)
+    grp_job = np.repeat(np.arange(n_jobs), grp_per_job)
     busy = gpu_group >= 0
-    bg = np.nonzero(busy)[0]
-    grp_n = np.bincount(gpu_group[bg], minlength=n_groups).astype(float)
+    bg = flat
+    bgrp = gpu_group[bg]
+    grp_n = np.bincount(bgrp, minlength=n_groups).astype(float)
     grp_lo = np.full(n_groups, -np.inf)
-    np.maximum.at(grp_lo, gpu_group[bg], min_w[bg])
+    np.maximum.at(grp_lo, bgrp, min_w[bg])
     grp_hi = np.full(n_groups, np.inf)
-    np.minimum.at(grp_hi, gpu_group[bg], max_w[bg])
+    np.minimum.at(grp_hi, bgrp, max_w[bg])
     grp_target = np.full(n_groups, np.inf)
-    np.minimum.at(grp_target, gpu_group[bg], default_w[bg])
+    np.minimum.at(grp_target, bgrp, default_w[bg])
     grp_target = np.clip(grp_target, grp_lo, grp_hi)
     grp_rep = np.zeros(n_groups, dtype=np.int64)
-    grp_rep[gpu_group[bg]] = bg
-    incid = sparse.csr_matrix((np.ones(len(bg)), (bg, gpu_group[bg])), shape=(n_gpu, n_groups))
+    grp_rep[bgrp] = bg
+    incid = sparse.csr_matrix((np.ones(len(bg)), (bg, bgrp)), shape=(n_gpu, n_groups))
     dom_grp = (member @ incid).tocsr()
+    sync_split = False
+    if np.any(sync):
+        in_sync = sync[flat_job]
+        h = np.fromiter((hash(frozenset(dom_lists[i])) for i in bg[in_sync]), dtype=np.int64)
+        hmin = np.full(n_groups, np.iinfo(np.int64).max)
+        hmax = np.full(n_groups, np.iinfo(np.int64).min)
+        np.minimum.at(hmin, bgrp[in_sync], h)
+        np.maximum.at(hmax, bgrp[in_sync], h)
+        sg = np.unique(bgrp[in_sync])
+        sync_split = bool(np.any(hmin[sg] != hmax[sg]))
 
-    n_jobs = len(problem.jobs)
-    job_ids = [j.id for j in problem.jobs]
-    job_k = np.fromiter((len(j.gpus) for j in problem.jobs), dtype=float, count=n_jobs)
-    job_unc = np.fromiter((fits[j.id].uncapped for j in problem.jobs), dtype=float, count=n_jobs)
-    job_w = np.fromiter((j.weight for j in problem.jobs), dtype=float, count=n_jobs)
-    job_s = np.fromiter((j.allowed_slowdown for j in problem.jobs), dtype=float, count=n_jobs)
-    job_draw = np.fromiter((fits[j.id].draw_w for j in problem.jobs), dtype=float, count=n_jobs)
+    job_fits = [fits[jid] for jid in job_ids]
+    job_k = job_k_i.astype(float)
+    job_unc = np.fromiter((f.uncapped for f in job_fits), dtype=float, count=n_jobs)
+    job_w = np.fromiter((j.weight for j in jobs), dtype=float, count=n_jobs)
+    job_s = np.fromiter((j.allowed_slowdown for j in jobs), dtype=float, count=n_jobs)
+    job_draw = np.fromiter((f.draw_w for f in job_fits), dtype=float, count=n_jobs)
     job_floor = (1.0 - job_s) * job_unc
 
-    # segments per class (job, lo, hi), replicated to groups
-    cls_key: dict[tuple[int, float, float], int] = {}
-    grp_cls = np.empty(n_groups, dtype=np.int64)
+    # segment tables per distinct (curve, lo, hi), replicated to groups
+    curve_ix: dict[int, int] = {}
+    curves: list[Curve] = []
+    job_curve = np.empty(n_jobs, dtype=np.int64)
+    for i, f in enumerate(job_fits):
+        c = curve_ix.get(id(f.curve))
+        if c is None:
+            c = curve_ix[id(f.curve)] = len(curves)
+            curves.append(f.curve)
+        job_curve[i] = c
+    # one integer key per group: (curve, lo, hi) ranked, then made unique
+    lo_u, lo_i = np.unique(grp_lo, return_inverse=True)
+    hi_u, hi_i = np.unique(grp_hi, return_inverse=True)
+    key = (job_curve[grp_job] * len(lo_u) + lo_i.ravel()) * len(hi_u) + hi_i.ravel()
+    ukey, grp_cls = np.unique(key, return_inverse=True)
+    grp_cls = grp_cls.ravel()
+    ukeys = [
+        (
+            int(k // (len(lo_u) * len(hi_u))),
+            float(lo_u[(k // len(hi_u)) % len(lo_u)]),
+            float(hi_u[k % len(hi_u)]),
+        )
+        for k in ukey.tolist()
+    ]
     cls_start: list[int] = []
     cls_count: list[int] = []
     cls_base: list[float] = []
     s_x0: list[float] = []
     s_len: list[float] = []
     s_slope: list[float] = []
-    for k in range(n_groups):
-        key = (int(grp_job[k]), float(grp_lo[k]), float(grp_hi[k]))
-        c = cls_key.get(key)
-        if c is None:
-            c = len(cls_start)
-            cls_key[key] = c
-            curve = fits[job_ids[key[0]]].curve
-            lo, hi = key[1], key[2]
-            cls_start.append(len(s_x0))
-            cls_base.append(curve.value(lo))
-            n = 0
-            for seg in curve.segments():
-                a, b = max(seg.x0, lo), min(seg.x1, hi)
-                if b - a > 1e-9 and seg.slope > 1e-12:
-                    s_x0.append(a)
-                    s_len.append(b - a)
-                    s_slope.append(seg.slope)
-                    n += 1
-            cls_count.append(n)
-        grp_cls[k] = c
+    for ci, lo, hi in ukeys:
+        curve = curves[ci]
+        cls_start.append(len(s_x0))
+        cls_base.append(curve.value(lo))
+        n = 0
+        xs, ys = curve.x_w, curve.y
+        for a0, a1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
+            slope = (y1 - y0) / (a1 - a0)
+            a, b = max(a0, lo), min(a1, hi)
+            if b - a > 1e-9 and slope > 1e-12:
+                s_x0.append(a)
+                s_len.append(b - a)
+                s_slope.append(slope)
+                n += 1
+        cls_count.append(n)
     cstart = np.asarray(cls_start, dtype=np.int64)
     ccount = np.asarray(cls_count, dtype=np.int64)
     per_grp = ccount[grp_cls] if n_groups else np.zeros(0, dtype=np.int64)
@@ -280,6 +314,7 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
         n_dom=n_dom,
         gpu_group=gpu_group,
         idle_w=idle_w,
+        default_w=default_w,
         member=member,
         grp_job=grp_job,
         grp_n=grp_n,
@@ -470,11 +505,21 @@ def _solve_lp(
 
 def _laminar_chains(m: _Model) -> np.ndarray | None:
     """Per-group ancestor table ``anc[k, depth]`` if the domains are laminar, else None."""
+    if m.chains is None:
+        anc = _compute_chains(m)
+        m.chains = anc if anc is not None else False
+    return m.chains if m.chains is not False else None
+
+
+def _compute_chains(m: _Model) -> np.ndarray | None:
+    """Sort each GPU's domains by size; laminar iff every domain has one parent."""
     mt = m.member.T.tocsr()  # gpus x domains
     g_of = np.repeat(np.arange(m.n_gpu), np.diff(mt.indptr))
     d_of = mt.indices.astype(np.int64)
     size = np.asarray(m.member.sum(axis=1)).ravel()
-    order = np.lexsort((d_of, -size[d_of], g_of))
+    rank = np.empty(m.n_dom, dtype=np.int64)
+    rank[np.lexsort((np.arange(m.n_dom), -size))] = np.arange(m.n_dom)
+    order = np.argsort(g_of * max(1, m.n_dom) + rank[d_of])
     g_s, d_s = g_of[order], d_of[order]
     same = np.zeros(len(g_s), dtype=bool)
     same[1:] = g_s[1:] == g_s[:-1]
@@ -661,7 +706,7 @@ def solve_capping(
         objective_value=_objective_value(m, ev),
         shadow_prices=shadow,
         evaluation=ev,
-        gpu_ids=tuple(g.id for g in problem.gpus),
+        gpu_ids=tuple(map(attrgetter("id"), problem.gpus)),
         fits=fits,
     )
 

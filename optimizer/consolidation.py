@@ -46,7 +46,10 @@ Method = Literal["auto", "milp", "greedy"]
 #: job reporting 0 utilization and 0 memory still needs a powered GPU somewhere.
 MIN_SHARED_UTIL: Final = 0.01
 #: ``method="auto"`` runs the MILP only when it has at most this many (job, node) pairs.
-DEFAULT_MILP_MAX_PAIRS: Final = 20_000
+DEFAULT_MILP_MAX_PAIRS: Final = 5_000
+#: Above this many pairs even ``method="milp"`` runs the greedy only: HiGHS's presolve
+#: ignores the time limit on big models (1 s asked, 17 s taken at 190,000 pairs).
+MILP_HARD_MAX_PAIRS: Final = 50_000
 _EPS: Final = 1e-9
 _HOURS_PER_DAY: Final = 24.0
 
@@ -741,6 +744,22 @@ def _replace_pass(lay: _Layout, deadline: float) -> bool:
     return changed
 
 
+def _home_pass(lay: _Layout) -> None:
+    """Send moved jobs back to their own node where it is on, has room and costs no more."""
+    d = lay.d
+    for jj in np.flatnonzero(lay.node_of != d.cur):
+        j, home, away = int(jj), int(d.cur[jj]), int(lay.node_of[jj])
+        if not lay.on[home] or not lay.can_place(j, home):
+            continue
+        snaps = {home: lay.snapshot(home), away: lay.snapshot(away)}
+        before_w = lay.node_power_w(home) + lay.node_power_w(away) + lay.mig_w(j)
+        lay.remove(j)
+        lay.place(j, home)
+        if lay.node_power_w(home) + lay.node_power_w(away) > before_w + 1e-7:
+            for m, snap in snaps.items():
+                lay.restore(m, snap)
+
+
 def _improve(lay: _Layout, deadline: float) -> _Layout:
     """Empty nodes and replace expensive ones until nothing changes or time runs out."""
     d = lay.d
@@ -751,6 +770,7 @@ def _improve(lay: _Layout, deadline: float) -> _Layout:
         emptied = _empty_pass(lay, deadline)
         if not (_replace_pass(lay, deadline) or emptied):
             break
+    _home_pass(lay)
     for n in range(d.n_nodes):
         lay.repack(n)
     return lay
@@ -1042,7 +1062,9 @@ def solve_consolidation(
     d = _data(problem)
     fits = (d.gpus[:, None] <= d.cap[None, :]) & (d.jmem[:, None] <= d.mem[None, :] + _EPS)
     pairs = int(np.sum(fits[~d.pinned]))
-    use_milp = method == "milp" or (method == "auto" and pairs <= milp_max_pairs)
+    use_milp = pairs <= MILP_HARD_MAX_PAIRS and (
+        method == "milp" or (method == "auto" and pairs <= milp_max_pairs)
+    )
 
     # The aggregated LP is cheap at any size: its bound is always valid, and its node counts
     # per class tell the greedy which kind of node to keep on.
@@ -1053,10 +1075,11 @@ def solve_consolidation(
         keep = {c: math.ceil(float(y) - 1e-6) for c, y in enumerate(nodes_on)}
     best = _greedy(d, start + 0.5 * time_limit_s if use_milp else deadline, keep)
     best_method: Literal["milp", "greedy"] = "greedy"
-    status = "heuristic"
+    status = "milp_too_large" if method == "milp" and not use_milp else "heuristic"
     if use_milp:
         exact = _build_model(d, [[n] for n in range(d.n_nodes)])
-        bound = max(bound, _lp_bound_w(exact, max(deadline - time.monotonic(), 0.05))[0])
+        if pairs <= milp_max_pairs:  # the exact LP is a little tighter, and cheap at this size
+            bound = max(bound, _lp_bound_w(exact, max(deadline - time.monotonic(), 0.05))[0])
         res = _solve(exact, relax=False, time_limit_s=deadline - time.monotonic())
         status = "milp_no_solution"
         if res.x is not None:
@@ -1131,6 +1154,7 @@ def _result(
 
 __all__: Sequence[str] = (
     "DEFAULT_MILP_MAX_PAIRS",
+    "MILP_HARD_MAX_PAIRS",
     "MIN_SHARED_UTIL",
     "ConsolidationJob",
     "ConsolidationNode",

@@ -232,7 +232,11 @@ def _tname(v: object) -> str:
     return type(v).__name__
 
 
-_TOP_KEYS = frozenset({"version", "gpus", "domains", "jobs", "objective", "comment"})
+# "consolidation" is the consolidation MILP's own section (optimizer/consolidation.py);
+# this parser leaves it to that module.
+_TOP_KEYS = frozenset(
+    {"version", "gpus", "domains", "jobs", "objective", "comment", "consolidation"}
+)
 _GPU_KEYS = frozenset(
     {
         "id",

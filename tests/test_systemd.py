@@ -17,8 +17,10 @@ import pytest
 
 UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = sorted(UNIT_DIR.glob("*.service")) + sorted(UNIT_DIR.glob("*.timer"))
-_EXEC = re.compile(r"^(Exec(?:Start|StartPre|StartPost|Stop|StopPost|Reload|Condition)=[-@:+!]*)(\S+)",
-                   re.MULTILINE)
+_EXEC = re.compile(
+    r"^(Exec(?:Start|StartPre|StartPost|Stop|StopPost|Reload|Condition)=[-@:+!]*)(\S+)",
+    re.MULTILINE,
+)
 
 
 def _analyze() -> str:
@@ -87,8 +89,11 @@ def test_example_config_loads_and_shows_the_defaults() -> None:
 
     example = UNIT_DIR / "dcenergy.toml.example"
     cfg = load_config(example, env={})
-    for section, cls in (("agent", AgentConfig), ("store", StoreConfig),
-                         ("reconciler", ReconcilerConfig)):
+    for section, cls in (
+        ("agent", AgentConfig),
+        ("store", StoreConfig),
+        ("reconciler", ReconcilerConfig),
+    ):
         defaults = cls()
         for f in fields(cls):
             if getattr(defaults, f.name) is None:

@@ -97,7 +97,6 @@ def once(
     from agent.rapl import RaplReader
     from agent.sampler import Sampler
 
-
     cfg = _with_simulate(state(ctx).config(), simulate)
     backend = _open_backend(cfg)
     try:

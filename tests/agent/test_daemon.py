@@ -149,7 +149,9 @@ def test_interval_trigger_does_not_drift() -> None:
     assert nxt == start + timedelta(seconds=1)
 
 
-def test_nvml_failure_raises_a_device_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nvml_failure_raises_a_device_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import agent.daemon as daemon_mod
 
     def no_driver(config: Config) -> SimulatedBackend:
@@ -258,8 +260,8 @@ def _child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         DCENERGY_AGENT_RUNTIME_DIR=str(tmp_path / "run"),
         DCENERGY_AGENT_INTERVAL_S="0.05",
         DCENERGY_AGENT_SHIP_INTERVAL_S="0.3",
-        **extra,
     )
+    env.update(extra)
     (tmp_path / "absent.toml").write_text("")
     return env
 

@@ -22,6 +22,7 @@ from agent.limits_state import LimitsState
 from agent.reconciler import AuditRecord, Reconciler
 from dcenergy import schema
 from dcenergy.config import ReconcilerConfig
+from dcenergy.errors import StoreUnavailable
 from dcenergy.plan import canonical_json, sign_part
 from dcenergy.publish import part_point, publish, split_plan
 from dcenergy.store.embedded import EmbeddedStore
@@ -595,3 +596,52 @@ def test_limits_state_ignores_a_corrupt_file(tmp_path: Path) -> None:
     (tmp_path / "saved_limits.json").write_text("{broken")
     assert LimitsState(tmp_path).load_limits() == {}
     assert canonical_json({"a": 1}) == b'{"a":1}'
+
+
+# --- the store goes away ----------------------------------------------------------------------
+
+
+class FlakyStore:
+    """An embedded store whose reads can be switched to 'unavailable'."""
+
+    def __init__(self, inner: EmbeddedStore) -> None:
+        self.inner = inner
+        self.down = False
+
+    def write(self, points: Any) -> None:
+        if self.down:
+            raise StoreUnavailable("down")
+        self.inner.write(points)
+
+    def read(self, measurement: str, **kw: Any) -> list[schema.Point]:
+        if self.down:
+            raise StoreUnavailable("down")
+        return self.inner.read(measurement, **kw)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_store_outage_keeps_the_lease_then_restores_at_expiry(rig: Rig) -> None:
+    flaky = FlakyStore(rig.store)
+    sunk: list[schema.Point] = []
+    rec = Reconciler(
+        rig.backend.devices(),
+        HOST,
+        flaky,
+        KEY.public_key(),
+        rig.config,
+        rig.state_dir,
+        audit_sink=sunk.extend,
+    )
+    rig.publish({UUID0: 300.0})
+    rec.reconcile_once(NOW)
+    assert rig.limit_w(0) == 300.0
+    flaky.down = True
+    records = rec.reconcile_once(NOW + 10 * S)
+    assert only(records, "error")[0].reason.startswith("store:")
+    assert rig.limit_w(0) == 300.0 and rec.lease is not None
+    rec.reconcile_once(NOW + TTL)  # the optimizer and the database are gone: lease lapses
+    assert rig.limit_w(0) == 700.0
+    assert [p.tags["action"] for p in sunk] == ["applied", "error", "restored"]
+    assert rig.audits() == []  # everything went to the sink given, not the store

@@ -76,11 +76,19 @@ def _by(points: list[Point], measurement: str) -> list[Point]:
     return [p for p in points if p.measurement == measurement]
 
 
-def test_one_timestamp_for_every_point_of_a_cycle(backend: SimulatedBackend, tmp_path: Path) -> None:
+def test_one_timestamp_for_every_point_of_a_cycle(
+    backend: SimulatedBackend, tmp_path: Path
+) -> None:
     backend.gpus()[0].set_workload(0.9, pids=[100])
     calls, clock = _counting_clock()
-    s = Sampler(backend, "n1", FakeHost(), JobResolver(_proc(tmp_path, {100: "7"})), FakeRates(),
-                clock=clock)  # type: ignore[arg-type]
+    s = Sampler(
+        backend,
+        "n1",
+        FakeHost(),
+        JobResolver(_proc(tmp_path, {100: "7"})),
+        FakeRates(),
+        clock=clock,
+    )  # type: ignore[arg-type]
     points = s.sample()
     assert {p.measurement for p in points} == {"gpu", "host", "job"}
     assert len(calls) == 1  # the clock is read once per cycle ...
@@ -93,8 +101,14 @@ def test_one_timestamp_for_every_point_of_a_cycle(backend: SimulatedBackend, tmp
 def test_fields_and_tags_are_named_per_schema(backend: SimulatedBackend, tmp_path: Path) -> None:
     backend.gpus()[1].set_workload(0.8, pids=[200], mem_used_bytes=10 << 30)
     host = FakeHost()
-    s = Sampler(backend, "n1", host, JobResolver(_proc(tmp_path, {200: "42"})), FakeRates(),
-                clock=lambda: T0_NS)
+    s = Sampler(
+        backend,
+        "n1",
+        host,
+        JobResolver(_proc(tmp_path, {200: "42"})),
+        FakeRates(),
+        clock=lambda: T0_NS,
+    )
     points = s.sample()
     gpus = _by(points, "gpu")
     assert [p.tags["gpu"] for p in gpus] == ["0", "1", "2", "3"]
@@ -104,9 +118,21 @@ def test_fields_and_tags_are_named_per_schema(backend: SimulatedBackend, tmp_pat
         assert p.tags["model"] == "NVIDIA H100 80GB HBM3"
         assert p.tags["gpu_uuid"].startswith("GPU-")
         assert set(p.fields) <= GPU.field_names
-        for name in ("power_w", "energy_j", "power_limit_w", "power_limit_default_w",
-                     "power_limit_min_w", "power_limit_max_w", "temp_c", "util_gpu_pct",
-                     "sm_clock_mhz", "mem_total_bytes", "pci_bus_id", "lost", "job_id"):
+        for name in (
+            "power_w",
+            "energy_j",
+            "power_limit_w",
+            "power_limit_default_w",
+            "power_limit_min_w",
+            "power_limit_max_w",
+            "temp_c",
+            "util_gpu_pct",
+            "sm_clock_mhz",
+            "mem_total_bytes",
+            "pci_bus_id",
+            "lost",
+            "job_id",
+        ):
             assert name in p.fields, name
         for name, value in p.fields.items():
             kind = GPU.spec(name).kind
@@ -119,7 +145,9 @@ def test_fields_and_tags_are_named_per_schema(backend: SimulatedBackend, tmp_pat
         assert set(j.tags) == set(JOB.tags) and set(j.fields) <= JOB.field_names
 
 
-def test_job_attribution_goes_into_the_job_id_field(backend: SimulatedBackend, tmp_path: Path) -> None:
+def test_job_attribution_goes_into_the_job_id_field(
+    backend: SimulatedBackend, tmp_path: Path
+) -> None:
     g = backend.gpus()
     g[0].set_workload(0.9, pids=[100])
     g[1].set_workload(0.7, pids=[101, 102])
@@ -195,8 +223,7 @@ def test_failing_host_collector_and_attribution_are_isolated(
         def attribute(self, gpu_pids: Mapping[str, list[int]]) -> dict[str, str | None]:
             raise RuntimeError("proc vanished")
 
-    s = Sampler(backend, "n1", FakeHost(fail=True), BadResolver(), FakeRates(),
-                clock=lambda: T0_NS)
+    s = Sampler(backend, "n1", FakeHost(fail=True), BadResolver(), FakeRates(), clock=lambda: T0_NS)
     points = s.sample()
     gpus = _by(points, "gpu")
     assert len(gpus) == 4 and _by(points, "host") == [] and _by(points, "job") == []
@@ -206,8 +233,9 @@ def test_failing_host_collector_and_attribution_are_isolated(
 
 def test_lost_gpu_reports_lost_and_is_not_an_error(backend: SimulatedBackend) -> None:
     backend.gpus()[1].mark_lost()
-    s = Sampler(backend, "n1", FakeHost(), JobResolver(Path("/nonexistent")), None,
-                clock=lambda: T0_NS)
+    s = Sampler(
+        backend, "n1", FakeHost(), JobResolver(Path("/nonexistent")), None, clock=lambda: T0_NS
+    )
     gpus = {p.tags["gpu"]: p for p in _by(s.sample(), "gpu")}
     assert dict(gpus["1"].fields) == {"lost": True}
     assert gpus["0"].fields["lost"] is False and "power_w" in gpus["0"].fields

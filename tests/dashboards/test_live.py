@@ -69,7 +69,7 @@ HOST_GROUPED = [t for t in TARGETS if "host" in influxql.parse(t.query).group_ta
 
 @pytest.mark.parametrize("t", HOST_GROUPED, ids=[t.id for t in HOST_GROUPED])
 def test_choosing_a_host_shows_only_that_host(seeded: Seeded, t: Target) -> None:
-    answered = []
+    answered: list[str] = []
     for host in HOSTS:
         q = substitute(t.query, {**live_values(ALL[t.dashboard]), "host": host})
         result = seeded.query(q)

@@ -263,7 +263,7 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path, mode: int) ->
 def test_missing_and_wrong_key_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="keys generate"):
         load_private_key(tmp_path / "absent.key")
-    with pytest.raises(ConfigError, match="reconciler.public_key"):
+    with pytest.raises(ConfigError, match=r"reconciler\.public_key"):
         load_public_key(tmp_path / "absent.pub")
     junk = tmp_path / "junk.pub"
     junk.write_text("not a key")
