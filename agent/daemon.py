@@ -1,4 +1,4 @@
-"""The node agent daemon: sample → spool every ``interval_s``, ship → store on ``ship_interval_s``.
+"""The node agent daemon: sample into the spool, ship the spool to the store, on a schedule.
 
 Scheduling is APScheduler 3's ``BackgroundScheduler``; the main thread only
 waits for a stop request (SIGTERM/SIGINT, ``stop()``, or the end of
@@ -18,6 +18,10 @@ Threads: sampling and shipping each have a one-thread executor of their own,
 so a store timeout (up to ``store.timeout_s``) never delays a sample; extra
 periodic jobs (retention, the plan reconciler: ``add_job``) share a third.
 The spool is the only object both touch, and it is safe across threads.
+
+Hooks for the parts that come later (the plan reconciler): ``add_job`` for
+periodic work, ``add_start_hook`` (backend open, before READY=1) and
+``add_stop_hook`` (after the last cycle, before the final flush).
 
 Shutdown: stop the scheduler (a running cycle finishes, nothing new starts),
 put a last self-stats point, ship the spool to the store once, bounded by
@@ -108,6 +112,8 @@ class AgentDaemon:
         self._on_spooled = on_spooled  # (time_ns, points committed): tests and demos
         self._stop = threading.Event()
         self._jobs: list[PeriodicJob] = []
+        self._start_hooks: list[Callable[[AgentDaemon], object]] = []
+        self._stop_hooks: list[Callable[[AgentDaemon], object]] = []
         self._scheduler: Any = None  # apscheduler has no type hints
         self._backend: DeviceBackend | None = None
         self._store: StoreSink | None = None
@@ -133,6 +139,28 @@ class AgentDaemon:
         self._jobs.append(job)
         if self._scheduler is not None:
             self._schedule_extra(job)
+
+    def add_start_hook(self, func: Callable[[AgentDaemon], object]) -> None:
+        """Call ``func(daemon)`` once the backend, spool and store are open, before READY=1.
+
+        For parts that must act on the GPUs first (the reconciler undoing a crashed
+        run's setpoints). An exception is counted and logged; the agent still starts.
+        """
+        self._start_hooks.append(func)
+
+    def add_stop_hook(self, func: Callable[[AgentDaemon], object]) -> None:
+        """Call ``func(daemon)`` at shutdown, after the last cycle and before the final flush.
+
+        The backend is still open and what the hook spools is flushed with the rest
+        (the reconciler restoring default limits and auditing it).
+        """
+        self._stop_hooks.append(func)
+
+    @property
+    def store(self) -> StoreSink:
+        if self._store is None:
+            raise RuntimeError("the agent daemon is not started")
+        return self._store
 
     def run(self, duration_s: float | None = None) -> int:
         """Start, wait for SIGTERM/SIGINT/``stop()`` or ``duration_s``, shut down; 0 when clean."""
@@ -175,6 +203,7 @@ class AgentDaemon:
             return
         self._started = True
         self._open_parts()
+        self._call_hooks(self._start_hooks, "start hook")
         n_gpus = len(self.backend.devices())
         self.notifier.ready(f"sampling {n_gpus} GPUs every {self.config.agent.interval_s:g} s")
         self._start_scheduler()
@@ -197,6 +226,8 @@ class AgentDaemon:
             self._scheduler = None
         # After the last cycle, so no WATCHDOG=1 can follow STOPPING=1.
         self.notifier.stopping("flushing the spool")
+        if self._backend is not None:
+            self._call_hooks(self._stop_hooks, "stop hook")
         if self._spool is not None and self._shipper is not None:
             self._put_self_stats()
             depth = self._flush(self.flush_timeout_s)
@@ -398,6 +429,13 @@ class AgentDaemon:
             log.debug("retention: pruned %d points", pruned)
 
     # --- helpers -------------------------------------------------------------------------
+    def _call_hooks(self, hooks: list[Callable[[AgentDaemon], object]], what: str) -> None:
+        for hook in hooks:
+            try:
+                hook(self)
+            except Exception as e:
+                self._fail(f"{what} {getattr(hook, '__name__', hook)!s}", e)
+
     def _fail(self, part: str, err: BaseException) -> None:
         self.errors_total += 1
         self.last_error = f"{part}: {err}"

@@ -60,7 +60,7 @@ from dcenergy.publish import DEFAULT_LOOKBACK_S, fetch_latest_part
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from dcenergy.config import ReconcilerConfig
+    from dcenergy.config import Config, ReconcilerConfig
     from dcenergy.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class Reconciler:
         try:
             limits = dev.power_limits()
             current = dev.power_limit_w()
-            records.extend(self._thermal_guard(dev, limits, current, now_ns))
+            self._thermal_guard(dev, limits, current)
             cap = self._thermal_cap_w.get(uuid)
             if sp is not None and lease is not None:
                 records.extend(self._apply_clocks(dev, sp, lease, now_ns))
@@ -322,14 +322,12 @@ class Reconciler:
             records.append(_rec(ERROR, uuid, f"state: {e}", ctx, now_ns))
         return records
 
-    def _thermal_guard(
-        self, dev: GpuDevice, limits: PowerLimits, current: float, now_ns: int
-    ) -> list[AuditRecord]:
+    def _thermal_guard(self, dev: GpuDevice, limits: PowerLimits, current: float) -> None:
         """Lower this GPU's thermal cap while it is too hot; lift it slowly once cool."""
         uuid = dev.identity.uuid
         temp = dev.sample().temp_c
         if temp is None or not math.isfinite(temp):
-            return []
+            return
         cfg = self.config
         cap = self._thermal_cap_w.get(uuid)
         if temp >= cfg.thermal_limit_c:
@@ -337,15 +335,14 @@ class Reconciler:
                 limits.min_w, min(current, cap if cap is not None else current) - cfg.thermal_step_w
             )
             self._thermal_cap_w[uuid] = new
-            log.warning("GPU %s at %.0f °C: thermal guard caps it at %.0f W", uuid, temp, new)
-            return []
+            log.debug("GPU %s at %.0f °C: thermal guard caps it at %.0f W", uuid, temp, new)
+            return
         if cap is not None and temp <= cfg.thermal_limit_c - THERMAL_HYSTERESIS_C:
             lifted = cap + cfg.thermal_step_w
             if lifted >= limits.max_w:
                 del self._thermal_cap_w[uuid]
             else:
                 self._thermal_cap_w[uuid] = lifted
-        return []
 
     def _clamp(
         self, requested: float, limits: PowerLimits, current: float
@@ -603,6 +600,32 @@ class Reconciler:
             self.audit_errors_total += 1
             if self.audit_errors_total == 1:
                 log.error("cannot write audit records (counting further failures): %s", e)
+
+
+def reconciler_from_config(
+    config: Config,
+    devices: Sequence[GpuDevice],
+    store: Store,
+    *,
+    audit_sink: Callable[[Sequence[schema.Point]], object] | None = None,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> Reconciler:
+    """The daemon's reconciler: public key from ``reconciler.public_key``, state in state_dir.
+
+    Raises ``ConfigError`` when the public key is missing or not an Ed25519 key.
+    """
+    from dcenergy.plan import load_public_key
+
+    return Reconciler(
+        devices,
+        config.host,
+        store,
+        load_public_key(config.reconciler.public_key),
+        config.reconciler,
+        config.state_dir,
+        clock_ns,
+        audit_sink=audit_sink,
+    )
 
 
 Ctx = tuple[str, int | None]  # (plan_id, seq) an action relates to

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ from agent.rapl import RaplReader
 from agent.sampler import Sampler
 from agent.spool import Spool
 from agent.throughput import ThroughputTracker
+from dcenergy.report import report_progress
 
 TARGET_CPU_MS = 2.0
 TARGET_RSS_MB = 60.0
@@ -42,6 +45,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cycles", type=int, default=500)
     ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--daemon-s", type=float, default=10.0, help="0: skip the daemon RSS run")
     args = ap.parse_args()
 
     proc = psutil.Process()
@@ -49,18 +53,27 @@ def main() -> int:
     t = itertools.count(start=1000.0, step=1.0)  # simulated time: one second per cycle
     backend = SimulatedBackend(args.gpus, seed=1, host="bench", clock=lambda: next(t))
     backend.open()
-    for i, gpu in enumerate(backend.gpus()):  # a busy node: two jobs over the GPUs
-        gpu.set_workload(0.9, pids=[os_pid()] if i % 2 == 0 else [])
 
     with tempfile.TemporaryDirectory() as tmp:
         jobs_dir = Path(tmp) / "jobs"
         jobs_dir.mkdir()
+        # A busy node: two Slurm jobs on six GPUs, two GPUs idle; one job reports progress.
+        proc_root = Path(tmp) / "proc"
+        for i, gpu in enumerate(backend.gpus()):
+            if i < 6:
+                pid, job = 1000 + i, f"{4000 + i // 3}"
+                (proc_root / str(pid)).mkdir(parents=True)
+                (proc_root / str(pid) / "cgroup").write_text(
+                    f"0::/system.slice/slurmstepd.scope/job_{job}/step_0/task_0\n"
+                )
+                gpu.set_workload(0.9, pids=[pid])
+        report_progress("4000", 1e6, "tokens", jobs_dir)
         spool = Spool(Path(tmp) / "spool.sqlite", 256 * 1024 * 1024)
         sampler = Sampler(
             backend,
             "bench",
             HostCollector(rapl=RaplReader()),
-            JobResolver(),
+            JobResolver(proc_root),
             ThroughputTracker(jobs_dir),
         )
         for _ in range(10):  # warm-up: imports, SQLite statement cache, first psutil calls
@@ -100,13 +113,44 @@ def main() -> int:
         f"target <= {TARGET_RSS_MB} MB) {'OK' if rss_mb <= TARGET_RSS_MB else 'OVER'}"
     )
     print(f"  spool: {spool_bytes / 2**20:.2f} MB for {points} points")
+    if args.daemon_s > 0:
+        daemon_rss_mb = _daemon_rss_mb(args.gpus, args.daemon_s)
+        print(
+            f"  RSS of a running `dcenergy agent run --simulate {args.gpus}` after "
+            f"{args.daemon_s:g} s: {daemon_rss_mb:.1f} MB "
+            f"{'OK' if daemon_rss_mb <= TARGET_RSS_MB else 'OVER'}"
+        )
     return 0
 
 
-def os_pid() -> int:
-    import os
-
-    return os.getpid()
+def _daemon_rss_mb(gpus: int, seconds: float) -> float:
+    """Peak RSS of the real daemon (scheduler, store, httpx loaded) with an embedded store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DCENERGY_")}
+        env.update(
+            DCENERGY_CONFIG=str(Path(tmp) / "none.toml"),
+            DCENERGY_AGENT_STATE_DIR=tmp,
+            DCENERGY_AGENT_RUNTIME_DIR=str(Path(tmp) / "run"),
+            DCENERGY_AGENT_SHIP_INTERVAL_S="1",
+        )
+        (Path(tmp) / "none.toml").write_text("")
+        code = "import sys; from dcenergy.cli import main; sys.exit(main())"
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, "agent", "run", "--simulate", str(gpus)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        peak = 0
+        deadline = time.monotonic() + seconds
+        try:
+            p = psutil.Process(child.pid)
+            while time.monotonic() < deadline and child.poll() is None:
+                peak = max(peak, p.memory_info().rss)
+                time.sleep(0.2)
+        finally:
+            child.terminate()
+            child.wait(30)
+    return peak / 2**20
 
 
 if __name__ == "__main__":

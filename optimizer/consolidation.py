@@ -35,7 +35,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, OptimizeResult, milp
 from scipy.sparse import coo_array
 
 from dcenergy.errors import ProblemError
@@ -829,7 +829,7 @@ def _ffd(d: _Data, keep: Mapping[int, int] | None = None) -> _Layout | None:
         if t < 0:
             return None
         lay.place(j, t)
-    lay.on &= d.forced | np.array([bool(lay.jobs_on(n)) for n in range(d.n_nodes)])
+    lay.on &= d.forced | np.array([bool(lay.jobs_on(n)) for n in range(d.n_nodes)], dtype=bool)
     return lay
 
 
@@ -974,6 +974,8 @@ def _build_model(d: _Data, classes: list[list[int]]) -> _Model:
 
 
 def _solve(m: _Model, *, relax: bool, time_limit_s: float) -> Any:
+    if m.c.size == 0:  # no nodes: nothing to decide (HiGHS refuses an empty model)
+        return OptimizeResult(status=0, x=np.zeros(0), fun=0.0, mip_dual_bound=0.0)
     return milp(
         m.c,
         constraints=LinearConstraint(m.a.tocsr(), m.row_lo, m.row_hi),
@@ -1110,12 +1112,13 @@ def _result(
     moved = np.flatnonzero(lay.node_of != d.cur)
     mig_wh = float(np.sum(d.mig_w[moved])) * p.horizon_h
     objective = after_w + mig_wh / p.horizon_h
-    if bound_w > _EPS:
-        gap = (objective - bound_w) / bound_w
-        if -1e-6 < gap < 0.0:  # solver tolerance; a larger negative gap is a bug and stays visible
-            gap = 0.0
+    diff = objective - bound_w
+    if abs(diff) <= 1e-7 * max(1.0, abs(objective)):
+        gap = 0.0  # solver tolerance; a clearly negative gap is a bug and stays visible
+    elif bound_w > _EPS:
+        gap = diff / bound_w
     else:
-        gap = 0.0 if objective <= _EPS else math.inf
+        gap = math.inf
     savings_w = before_w - after_w
     kwh_day = savings_w * p.pue * _HOURS_PER_DAY / 1000.0
     used_before = _current_gpus_used(d)

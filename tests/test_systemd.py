@@ -39,6 +39,7 @@ def _verify(unit_text: str, name: str, tmp_path: Path) -> tuple[int, list[str]]:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     lines = (proc.stdout + proc.stderr).splitlines()
     return proc.returncode, [line for line in lines if name in line]

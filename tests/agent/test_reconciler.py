@@ -19,7 +19,7 @@ from agent.devices.base import GpuDevice
 from agent.devices.nvml import NvmlBackend
 from agent.devices.simulated import SimulatedBackend
 from agent.limits_state import LimitsState
-from agent.reconciler import AuditRecord, Reconciler
+from agent.reconciler import AuditRecord, Reconciler, reconciler_from_config
 from dcenergy import schema
 from dcenergy.config import ReconcilerConfig
 from dcenergy.errors import StoreUnavailable
@@ -645,3 +645,19 @@ def test_store_outage_keeps_the_lease_then_restores_at_expiry(rig: Rig) -> None:
     assert rig.limit_w(0) == 700.0
     assert [p.tags["action"] for p in sunk] == ["applied", "error", "restored"]
     assert rig.audits() == []  # everything went to the sink given, not the store
+
+
+def test_reconciler_from_config(tmp_path: Path) -> None:
+    from dcenergy.config import AgentConfig, Config
+    from dcenergy.errors import ConfigError
+    from dcenergy.plan import generate_keypair
+
+    cfg = Config(
+        agent=AgentConfig(host=HOST, state_dir=tmp_path / "state"),
+        reconciler=ReconcilerConfig(public_key=str(tmp_path / "plan.pub")),
+    )
+    with pytest.raises(ConfigError, match="keys generate"):
+        reconciler_from_config(cfg, [], EmbeddedStore(tmp_path / "s.sqlite"))
+    generate_keypair(tmp_path / "plan.key", tmp_path / "plan.pub")
+    rec = reconciler_from_config(cfg, [], EmbeddedStore(tmp_path / "s.sqlite"))
+    assert rec.host == HOST and rec.reconcile_once(NOW) == []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import pytest
 
+from agent.devices.base import GpuSample
 from agent.devices.simulated import SimulatedBackend
 from agent.jobs import JobResolver
 from agent.sampler import PROXY_SOURCE, Sampler
@@ -61,7 +62,7 @@ def backend() -> SimulatedBackend:
     return b
 
 
-def _counting_clock() -> tuple[list[int], object]:
+def _counting_clock() -> tuple[list[int], Callable[[], int]]:
     calls: list[int] = []
     counter = itertools.count(T0_NS, 1_000_000)
 
@@ -88,7 +89,7 @@ def test_one_timestamp_for_every_point_of_a_cycle(
         JobResolver(_proc(tmp_path, {100: "7"})),
         FakeRates(),
         clock=clock,
-    )  # type: ignore[arg-type]
+    )
     points = s.sample()
     assert {p.measurement for p in points} == {"gpu", "host", "job"}
     assert len(calls) == 1  # the clock is read once per cycle ...
@@ -188,7 +189,7 @@ def test_error_on_one_gpu_does_not_stop_the_others(
 ) -> None:
     broken = backend.gpus()[2]
 
-    def boom() -> object:
+    def boom() -> GpuSample:
         raise DeviceError("NVML_ERROR_UNKNOWN", gpu=2)
 
     broken.sample = boom  # type: ignore[method-assign]

@@ -1,0 +1,265 @@
+"""Capping LPs on hand-solvable instances, the fast path against the LP, baselines, DVFS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from optimizer.baselines import evaluate_baselines
+from optimizer.capping import evaluate_caps, fast_path_applicable, sm_clock_for_cap, solve_capping
+from optimizer.problem import Gpu, Problem, parse_problem
+
+
+def gpu(i: int, domains: list[str], **kw: Any) -> dict[str, Any]:
+    d = {"id": f"g{i}", "host": "n", "model": "H100", "min_w": 100, "max_w": 300,
+         "default_w": 300, "idle_w": 40, "domains": domains}
+    d.update(kw)
+    return d
+
+
+def linear_job(jid: str, gpus: list[str], slope: float, slowdown: float = 0.9, **kw: Any) -> dict[str, Any]:
+    """Throughput = slope * cap on [100, 300]: exactly linear, so optima are by hand."""
+    j = {"id": jid, "gpus": gpus, "allowed_slowdown": slowdown,
+         "samples": [{"cap_w": c, "throughput": slope * c} for c in (100, 200, 300)]}
+    j.update(kw)
+    return j
+
+
+def two_gpu_problem(kind: str = "budget", budget: float = 450, slow_a: float = 0.9,
+                    slow_b: float = 0.9, **obj: Any) -> Problem:
+    # job a: 1 unit/W, uncapped 300; job b: 0.5 unit/W above... (samples 50,100,150), uncapped 150
+    return parse_problem({
+        "version": 1,
+        "domains": [{"id": "rack", "budget_w": budget}],
+        "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
+        "jobs": [linear_job("a", ["g0"], 1.0, slow_a), linear_job("b", ["g1"], 0.5, slow_b)],
+        "objective": {"kind": kind, **obj},
+    })
+
+
+@pytest.mark.parametrize("method", ["lp", "fast", "auto"])
+def test_budget_binding_hand_optimum(method: str) -> None:
+    # normalised slopes: a 1/300 per W, b 0.5/150 = 1/300 per W -> tie; make b weight 0.5
+    p = two_gpu_problem()
+    r = solve_capping(p, method)  # type: ignore[arg-type]
+    # both normalised slopes 1/300: any split of the 250 W of room is optimal: 2 * (cap sum)/...
+    assert r.objective_value == pytest.approx((450) / 300.0)
+    assert sum(r.caps_w.values()) == pytest.approx(450)
+    assert r.shadow_prices["rack"] == pytest.approx(1000 / 300.0)
+    assert r.feasible and not r.evaluation.budget_violations
+
+
+def weighted_problem(slow_b: float = 0.9) -> Problem:
+    return parse_problem({
+        "version": 1,
+        "domains": [{"id": "rack", "budget_w": 450}],
+        "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
+        "jobs": [linear_job("a", ["g0"], 1.0), linear_job("b", ["g1"], 0.5, slow_b, weight=0.5)],
+        "objective": {"kind": "budget"},
+    })
+
+
+@pytest.mark.parametrize("method", ["lp", "fast", "auto"])
+def test_budget_steepest_job_gets_the_watts(method: str) -> None:
+    # a: 1/300 per W; b: 0.5 * 0.5/150 = 1/600 per W. Room 250 W above the minimums:
+    # a takes 200 (to 300 W), b the last 50 (to 150 W).
+    r = solve_capping(weighted_problem(), method)  # type: ignore[arg-type]
+    assert r.caps_w == pytest.approx({"g0": 300, "g1": 150})
+    assert r.objective_value == pytest.approx(1.0 + 0.5 * 75 / 150)
+    assert r.shadow_prices["rack"] == pytest.approx(1000 / 600.0)
+
+
+def test_budget_floor_binds_and_auto_falls_back_to_lp() -> None:
+    # b may lose 10 %: it needs 135 units -> 270 W; a gets the remaining 80 W above 100.
+    r = solve_capping(weighted_problem(slow_b=0.1), "auto")
+    assert r.method == "lp" and r.feasible
+    assert r.caps_w == pytest.approx({"g0": 180, "g1": 270})
+    fast = solve_capping(weighted_problem(slow_b=0.1), "fast")
+    assert fast.slowdown_exceeded == ("b",) and not fast.feasible
+
+
+def test_energy_objective_hand_optimum() -> None:
+    # floors: a >= 0.8*300 = 240 -> 240 W; b >= 0.8*150 = 120 -> 240 W
+    r = solve_capping(two_gpu_problem("energy", budget=1000, slow_a=0.2, slow_b=0.2))
+    assert r.method == "lp" and r.feasible
+    assert r.caps_w == pytest.approx({"g0": 240, "g1": 240})
+    assert r.objective_value == pytest.approx(480)
+
+
+def test_energy_floors_that_cannot_hold_are_relaxed_and_named() -> None:
+    # budget 300 W total -> room 100 above mins; floors need 140 + 140
+    r = solve_capping(two_gpu_problem("energy", budget=300, slow_a=0.2, slow_b=0.2))
+    assert not r.feasible and set(r.slowdown_exceeded) <= {"a", "b"} and r.slowdown_exceeded
+    assert not r.evaluation.budget_violations
+    assert sum(r.caps_w.values()) == pytest.approx(300)
+    assert not r.infeasible_domains
+
+
+def test_cost_objective_hand_optimum() -> None:
+    # per W-hour: a earns 1e-4*3600*1 = 0.36, b 0.18; power costs 250/1000 = 0.25
+    r = solve_capping(two_gpu_problem("cost", budget=1000, value_per_unit=1e-4, price_per_kwh=250))
+    assert r.caps_w == pytest.approx({"g0": 300, "g1": 100})
+    expected = 1e-4 * 3600 * (300 + 50) - 250 * (300 + 100) / 1000
+    assert r.objective_value == pytest.approx(expected)
+
+
+def test_synchronous_job_gets_one_cap() -> None:
+    p = parse_problem({
+        "version": 1,
+        "domains": [{"id": "rack", "budget_w": 700}, {"id": "n1", "budget_w": 1000},
+                    {"id": "n2", "budget_w": 1000}],
+        "gpus": [gpu(0, ["rack", "n1"]), gpu(1, ["rack", "n1"]), gpu(2, ["rack", "n2"])],
+        "jobs": [linear_job("sync", ["g0", "g1"], 2.0, synchronous=True),
+                 linear_job("solo", ["g2"], 0.5)],
+        "objective": {"kind": "budget"},
+    })
+    for method in ("lp", "fast"):
+        r = solve_capping(p, method)  # type: ignore[arg-type]
+        caps = r.caps_w
+        assert caps["g0"] == pytest.approx(caps["g1"])
+        # normalised value per W: sync 1/600 (two GPUs per cap watt), solo 1/300.
+        # Room 400 W above the minimums: solo first (200 W -> 300), sync gets the other
+        # 200 W, 100 per GPU -> 200 each
+        assert caps == pytest.approx({"g0": 200, "g1": 200, "g2": 300})
+
+
+def test_sync_job_across_domain_sets_is_not_fast() -> None:
+    p = parse_problem({
+        "version": 1,
+        "domains": [{"id": "n1", "budget_w": 1000}, {"id": "n2", "budget_w": 1000}],
+        "gpus": [gpu(0, ["n1"]), gpu(1, ["n2"])],
+        "jobs": [linear_job("sync", ["g0", "g1"], 2.0, synchronous=True)],
+        "objective": {"kind": "budget"},
+    })
+    assert fast_path_applicable(p) is not None
+    assert solve_capping(p).method == "lp"
+
+
+def test_non_nested_overlapping_domains() -> None:
+    # feed-a: g0,g1; feed-b: g1,g2; all jobs 1 unit/W. Optimum: g0 = g2 = 300, g1 = 150.
+    p = parse_problem({
+        "version": 1,
+        "domains": [{"id": "feed-a", "budget_w": 450, "kind": "feed"},
+                    {"id": "feed-b", "budget_w": 450, "kind": "feed"}],
+        "gpus": [gpu(0, ["feed-a"]), gpu(1, ["feed-a", "feed-b"]), gpu(2, ["feed-b"])],
+        "jobs": [linear_job(f"j{i}", [f"g{i}"], 1.0) for i in range(3)],
+        "objective": {"kind": "budget"},
+    })
+    assert fast_path_applicable(p) is not None
+    with pytest.raises(ValueError, match="not laminar"):
+        solve_capping(p, "fast")
+    r = solve_capping(p)
+    assert r.method == "lp"
+    assert r.caps_w == pytest.approx({"g0": 300, "g1": 150, "g2": 300})
+    assert not r.evaluation.budget_violations
+
+
+def test_infeasible_budget_names_domain_and_shortfall() -> None:
+    p = parse_problem({
+        "version": 1,
+        "domains": [{"id": "facility", "budget_w": 10000},
+                    {"id": "rack-a", "budget_w": 150, "baseline_w": 20},
+                    {"id": "rack-b", "budget_w": 350}],
+        "gpus": [gpu(0, ["facility", "rack-a"]), gpu(1, ["facility", "rack-a"]),
+                 gpu(2, ["facility", "rack-b"]), gpu(3, ["facility", "rack-b"])],
+        "jobs": [linear_job("a", ["g0", "g1"], 1.0), linear_job("b", ["g2"], 1.0)],
+        "objective": {"kind": "budget"},
+    })
+    for method in ("lp", "fast"):
+        r = solve_capping(p, method)  # type: ignore[arg-type]
+        assert not r.feasible and r.status.startswith("best-effort")
+        assert [(d.id, d.shortfall_w) for d in r.infeasible_domains] == [("rack-a", 70.0)]
+        assert r.caps_w["g0"] == 100 and r.caps_w["g1"] == 100
+        # rack-b still planned within its budget: idle g3 draws 40, so g2 may take 310 -> 300
+        assert r.caps_w["g2"] == pytest.approx(300)
+        assert r.caps_w["g3"] == 300  # idle GPU keeps its default
+
+
+def test_idle_gpu_counts_idle_power() -> None:
+    p = parse_problem({
+        "version": 1,
+        "domains": [{"id": "rack", "budget_w": 300}],
+        "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
+        "jobs": [linear_job("a", ["g0"], 1.0)],
+        "objective": {"kind": "budget"},
+    })
+    r = solve_capping(p)
+    assert r.caps_w["g0"] == pytest.approx(260)  # 300 - 40 idle
+
+
+def test_baselines_uniform_and_none() -> None:
+    p = weighted_problem()
+    base = evaluate_baselines(p)
+    assert base["none"].budget_violations == ("rack",)
+    assert list(base["uniform"].caps_w) == [225, 225]
+    opt = solve_capping(p)
+    assert opt.evaluation.normalized_throughput >= base["uniform"].normalized_throughput
+    ev = evaluate_caps(p, {"g0": 200, "g1": 200})
+    assert ev.job_throughput == pytest.approx({"a": 200, "b": 100})
+
+
+def test_dvfs_clock_rounds_down_to_a_supported_clock() -> None:
+    g = Gpu("g", "h", "H100", 200, 700, 700, 70, (), sm_clocks_mhz=(900, 1200, 1500, 1800, 1980))
+    assert sm_clock_for_cap(g, 700) == 1980
+    # 1980 * 0.5 ** 0.4 = 1500.6 -> 1500
+    assert sm_clock_for_cap(g, 350) == 1500
+    assert sm_clock_for_cap(g, 10) == 900
+    assert sm_clock_for_cap(Gpu("g", "h", "H100", 200, 700, 700, 70, ()), 300) is None
+
+
+# --- fast path == LP on random laminar instances --------------------------------
+
+
+@st.composite
+def laminar_problems(draw: st.DrawFn) -> Problem:
+    n_racks = draw(st.integers(1, 3))
+    domains: list[dict[str, Any]] = []
+    gpus: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
+    min_total = 0.0
+    for r in range(n_racks):
+        rack_gpus_min = 0.0
+        n_nodes = draw(st.integers(1, 3))
+        for n in range(n_nodes):
+            node = f"n{r}.{n}"
+            k = draw(st.integers(1, 4))
+            ids = []
+            mn = draw(st.sampled_from([100.0, 150.0]))  # one per node: sync groups stay feasible
+            for _ in range(k):
+                i = len(gpus)
+                gpus.append({"id": f"g{i}", "host": node, "model": "H100", "min_w": mn, "max_w": 400.0,
+                             "default_w": 400.0, "idle_w": 30.0, "domains": ["fac", f"r{r}", node]})
+                ids.append(f"g{i}")
+                rack_gpus_min += mn
+            sync = k > 1 and draw(st.booleans())
+            groups = [ids] if sync else [[g] for g in ids]
+            for grp in groups:
+                slopes = sorted(draw(st.lists(st.floats(0.0, 2.0), min_size=3, max_size=3)), reverse=True)
+                y0 = draw(st.floats(10.0, 100.0))
+                caps = [100.0, 200.0, 300.0, 400.0]
+                ys = [y0]
+                for s in slopes:
+                    ys.append(ys[-1] + s * 100.0)
+                jobs.append({"id": f"j{len(jobs)}", "gpus": grp, "synchronous": sync,
+                             "weight": draw(st.sampled_from([0.5, 1.0, 3.0])), "allowed_slowdown": 0.99,
+                             "samples": [{"cap_w": c, "throughput": y} for c, y in zip(caps, ys)]})
+            node_min = sum(g["min_w"] for g in gpus if g["host"] == node)
+            domains.append({"id": node, "budget_w": node_min + draw(st.floats(0.0, 300.0 * k)) + 1.0})
+        domains.append({"id": f"r{r}", "budget_w": rack_gpus_min + draw(st.floats(0.0, 600.0)) + 1.0})
+        min_total += rack_gpus_min
+    domains.append({"id": "fac", "budget_w": min_total + draw(st.floats(0.0, 1500.0)) + 1.0})
+    return parse_problem({"version": 1, "domains": domains, "gpus": gpus, "jobs": jobs,
+                          "objective": {"kind": "budget"}})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(laminar_problems())
+def test_fast_path_agrees_with_lp(p: Problem) -> None:
+    assert fast_path_applicable(p) is None
+    fast = solve_capping(p, "fast")
+    lp = solve_capping(p, "lp")
+    assert not fast.evaluation.budget_violations and not lp.evaluation.budget_violations
+    assert fast.objective_value == pytest.approx(lp.objective_value, rel=1e-6, abs=1e-9)

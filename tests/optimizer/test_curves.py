@@ -1,0 +1,88 @@
+"""Curve fitting: concave regression recovers a known curve; the prior covers thin data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optimizer.curves import (
+    PRIOR_COMPUTE_BOUND,
+    Curve,
+    concave_l1_fit,
+    fit_job_curve,
+    prior_for_model,
+)
+from optimizer.problem import Gpu, Job, Sample
+
+H100 = Gpu("g0", "h", "NVIDIA H100 80GB HBM3", 200.0, 700.0, 700.0, 70.0, ())
+TRUE = Curve((200.0, 350.0, 500.0, 620.0, 700.0), (40.0, 70.0, 90.0, 100.0, 100.0))
+
+
+def test_curve_helpers() -> None:
+    c = Curve((100.0, 200.0, 300.0), (10.0, 30.0, 40.0))
+    assert c.value(50) == 10 and c.value(150) == 20 and c.value(400) == 40
+    segs = c.segments()
+    assert [s.slope for s in segs] == [0.2, 0.1]
+    assert c.inverse(20) == pytest.approx(150) and c.inverse(40) == 300 and c.inverse(5) == 100
+    assert c.saturation_w == 300 and c.max_y == 40 and c.is_concave()
+    assert np.allclose(c.values(np.array([150.0, 250.0])), [20, 35])
+
+
+def test_fit_recovers_known_concave_curve_from_noisy_samples() -> None:
+    rng = np.random.default_rng(7)
+    caps = np.repeat(np.linspace(220, 700, 13), 3)
+    samples = tuple(
+        Sample(throughput=TRUE.value(c) * (1 + rng.normal(0, 0.02)), cap_w=float(c)) for c in caps
+    )
+    fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
+    assert fit.method in ("lp-l1", "exact")
+    assert fit.curve.is_concave()
+    grid = np.linspace(200, 700, 51)
+    err = np.abs(fit.curve.values(grid) - np.array([TRUE.value(x) for x in grid]))
+    assert err.max() < 4.0  # 4 % of the uncapped throughput
+    assert fit.rmse_rel is not None and 0.005 < fit.rmse_rel < 0.05
+
+
+def test_fit_is_flat_above_the_measured_draw() -> None:
+    samples = tuple(
+        Sample(throughput=y, cap_w=c, power_w=min(c, 450.0))
+        for c, y in ((250.0, 50.0), (350.0, 70.0), (450.0, 80.0), (600.0, 80.0), (700.0, 80.0))
+    )
+    fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
+    assert fit.draw_w == 450.0
+    assert fit.curve.value(500) == pytest.approx(80.0) and fit.curve.value(700) == pytest.approx(80.0)
+    assert fit.curve.value(200) == pytest.approx(40.0)  # linear extension of the first slope
+
+
+def test_outlier_does_not_bend_the_l1_fit() -> None:
+    xs = [200.0, 300.0, 400.0, 500.0, 600.0, 700.0]
+    ys = [40.0, 60.0, 75.0, 300.0, 90.0, 95.0]  # one wild sample
+    grid, f, method = concave_l1_fit(xs, ys)
+    assert method == "lp-l1"
+    assert f[grid.index(300.0)] == pytest.approx(60.0, abs=1.0)
+    assert f[-1] < 120
+
+
+def test_prior_used_with_fewer_than_three_caps() -> None:
+    samples = (
+        Sample(throughput=900.0, cap_w=700.0, power_w=650.0),
+        Sample(throughput=820.0, cap_w=480.0, power_w=478.0),
+    )
+    fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
+    assert fit.method == "prior" and fit.n_distinct_caps == 2
+    assert fit.draw_w == 650.0
+    shape = dict(PRIOR_COMPUTE_BOUND)
+    # shape scaled to the draw: 70 % of the draw keeps 90 % of uncapped throughput
+    assert fit.curve.value(0.7 * 650) / fit.uncapped == pytest.approx(shape[0.7], rel=1e-6)
+    assert fit.curve.is_concave()
+    assert fit.uncapped == pytest.approx(900, rel=0.05)
+
+
+def test_prior_without_samples_is_relative() -> None:
+    fit = fit_job_curve(Job("j", ("g0",), ()), [H100])
+    assert fit.method == "prior" and fit.uncapped == pytest.approx(1.0) and fit.rmse_rel is None
+
+
+def test_prior_table_by_model() -> None:
+    assert prior_for_model("NVIDIA A100-SXM4-80GB") is PRIOR_COMPUTE_BOUND
+    assert prior_for_model("Mystery GPU") is PRIOR_COMPUTE_BOUND
