@@ -1,17 +1,18 @@
 """The agent's durable, bounded spool: samples wait here until the store has them.
 
-One SQLite file (WAL) in the state directory. Each point is stored as its line
-protocol with its series key and timestamp; ``UNIQUE(series_key, time_ns)``
-makes a re-put of the same sample an overwrite, so retries never duplicate.
+One SQLite file (WAL) in the state directory, owned by one process. Each point
+is stored as its line protocol with its series (a ``series`` row holding the
+escaped series key) and timestamp; ``UNIQUE(series_id, time_ns)`` makes a
+re-put of the same sample an overwrite, so retries never duplicate.
 The shipper ``peek``s the oldest rows and ``ack``s them once the store has them.
 
-Bounded by ``max_bytes`` of stored rows (line + series key + a fixed per-row
-overhead; not the file size, which SQLite does not shrink): when a ``put``
-goes over, the OLDEST rows are dropped in the same transaction and every
-dropped point is counted in a persisted counter, reported as
-``dropped_overflow_total``. Depth, size and counters live in a ``meta`` table
-updated in the same transactions as the rows (aggregated per statement, not by
-per-row triggers, which halved put/ack speed), so they are exact after any crash.
+Bounded by ``max_bytes`` of stored rows (line + a fixed per-row overhead; not
+the file size, which SQLite does not shrink): when a ``put`` goes over, the
+OLDEST rows are dropped in the same transaction and every dropped point is
+counted in a persisted counter, reported as ``dropped_overflow_total``. Depth,
+size and counters live in a ``meta`` table updated in the same transactions as
+the rows (aggregated per statement: per-row triggers halved put/ack speed), so
+they are exact after any crash.
 
 Durability: ``journal_mode=WAL`` with ``synchronous=NORMAL`` makes every
 committed transaction durable against a crash of the process (SIGKILL, OOM):
@@ -36,17 +37,21 @@ from dcenergy.schema import Point
 
 log = logging.getLogger(__name__)
 
-ROW_OVERHEAD_BYTES = 32  # rowid, time, b-tree cell and index entry, roughly
+ROW_OVERHEAD_BYTES = 40  # id, series id, time, size, b-tree cell and index entry, roughly
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS spool (
         id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: id order is arrival order
-        series_key TEXT NOT NULL,
+        series_id INTEGER NOT NULL,  -- series.id: a small key, 2-3x faster than the text
         time_ns INTEGER NOT NULL,
         line TEXT NOT NULL,
         size INTEGER NOT NULL,
-        UNIQUE (series_key, time_ns)
+        UNIQUE (series_id, time_ns)
+    )""",
+    """CREATE TABLE IF NOT EXISTS series (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL UNIQUE  -- escaped measurement + sorted tags
     )""",
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID",
     """INSERT OR IGNORE INTO meta (k, v) VALUES ('depth', 0), ('bytes', 0),
@@ -54,10 +59,16 @@ _SCHEMA = (
         ('dropped_invalid_total', 0)""",
 )
 
-_INSERT = """INSERT INTO spool (series_key, time_ns, line, size) VALUES (?, ?, ?, ?)
-    ON CONFLICT (series_key, time_ns) DO NOTHING"""
-_OVERWRITE = "UPDATE spool SET line = ?, size = ? WHERE series_key = ? AND time_ns = ?"
+_INSERT = """INSERT INTO spool (series_id, time_ns, line, size) VALUES (?, ?, ?, ?)
+    ON CONFLICT (series_id, time_ns) DO NOTHING"""
+_OVERWRITE = "UPDATE spool SET line = ?, size = ? WHERE series_id = ? AND time_ns = ?"
+_SERIES_CACHE_MAX = 100_000
 _ADD = "UPDATE meta SET v = v + ? WHERE k = ?"
+
+
+def row_size(line: str) -> int:
+    """What one stored point counts against ``max_bytes``."""
+    return len(line.encode()) + ROW_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,7 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the sampler and the shipper run in different threads
         self._warned_invalid = False
+        self._series_ids: dict[str, int] = {}  # series key -> series.id; this process owns the file
         self._db = sqlite3.connect(
             self.path,
             timeout=BUSY_TIMEOUT_MS / 1000,
@@ -96,6 +108,7 @@ class Spool:
             for stmt in _SCHEMA:
                 db.execute(stmt)
             self._recount(db)  # exact whatever happened before
+            db.execute("DELETE FROM series WHERE id NOT IN (SELECT series_id FROM spool)")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -117,7 +130,7 @@ class Spool:
         ``dropped_invalid_total`` (logged once): one odd job id must not stop
         sampling. When the spool goes over ``max_bytes`` the oldest rows go.
         """
-        rows: list[tuple[str, int, str, int]] = []
+        encoded: list[tuple[str, int, str]] = []
         invalid = 0
         for p in points:
             try:
@@ -128,20 +141,41 @@ class Spool:
                     self._warned_invalid = True
                     log.warning("spool: dropping a point that is not valid line protocol: %s", e)
                 continue
-            rows.append((key, t, line, len(line.encode()) + len(key.encode()) + ROW_OVERHEAD_BYTES))
+            encoded.append((key, t, line))
         with self._lock, self._tx() as db:
+            ids, new_ids = self._ids_for(db, {k for k, _, _ in encoded})
+            rows = [(ids[k], t, line, row_size(line)) for k, t, line in encoded]
             inserted = db.executemany(_INSERT, rows).rowcount
             if inserted == len(rows):  # the usual case: all new
                 db.execute(_ADD, (inserted, "depth"))
                 db.execute(_ADD, (sum(r[3] for r in rows), "bytes"))
             else:  # re-puts (retries): overwrite them, last one wins, and recount
-                db.executemany(_OVERWRITE, [(line, size, k, t) for k, t, line, size in rows])
+                db.executemany(_OVERWRITE, [(line, size, sid, t) for sid, t, line, size in rows])
                 self._recount(db)
             db.execute(_ADD, (len(rows), "points_spooled_total"))
             if invalid:
                 db.execute(_ADD, (invalid, "dropped_invalid_total"))
             self._enforce_bound(db)
+        self._series_ids.update(new_ids)  # committed: now the cache may learn them
         return len(rows)
+
+    def _ids_for(
+        self, db: sqlite3.Connection, keys: set[str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """(series.id of every key, the ids looked up or added now) in the caller's transaction.
+
+        The cache learns the new ones only after the transaction commits (see ``put``).
+        """
+        known = self._series_ids
+        if len(known) > _SERIES_CACHE_MAX:  # jobs come and go: do not grow forever
+            known.clear()
+        new: dict[str, int] = {}
+        for k in keys:
+            if k in known:
+                continue
+            db.execute("INSERT INTO series (key) VALUES (?) ON CONFLICT (key) DO NOTHING", (k,))
+            new[k] = int(db.execute("SELECT id FROM series WHERE key = ?", (k,)).fetchone()[0])
+        return (known | new if new else known), new
 
     def _recount(self, db: sqlite3.Connection) -> None:
         """Set depth and bytes from the rows themselves (on open and after re-puts)."""

@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimizer.capping import solve_capping  # noqa: E402
-from optimizer.curves import fit_curves  # noqa: E402
-from optimizer.problem import Domain, Gpu, Job, Objective, Problem, Sample  # noqa: E402
+from optimizer.capping import solve_capping
+from optimizer.curves import fit_curves
+from optimizer.problem import Domain, Gpu, Job, Objective, Problem, Sample
 
 # (share of draw, throughput fraction) shapes: compute-bound, memory-bound, in between
 _SHAPES = (
@@ -70,7 +70,11 @@ def synthetic_fleet(
             scale = float(rng.choice([1.0, 2.0, 3.0]))
             draw = draws[t]
             samples = tuple(
-                Sample(throughput=scale * size * y, cap_w=max(200.0, p * 700.0), power_w=min(draw, p * 700.0))
+                Sample(
+                    throughput=scale * size * y,
+                    cap_w=max(200.0, p * 700.0),
+                    power_w=min(draw, p * 700.0),
+                )
                 for p, y in _SHAPES[t]
             )
             jobs.append(
@@ -93,10 +97,26 @@ def synthetic_fleet(
     for r in range(n_rows):
         domains.append(Domain(f"row{r}", 1e12, kind="row"))
     for r in range(rack_of[-1] + 1):
-        domains.append(Domain(f"rack{r}", 0.85 * rack_draw.get(r, 0.0) + 8 * 70 * nodes_per_rack + 500, baseline_w=500.0, kind="rack"))
+        domains.append(
+            Domain(
+                f"rack{r}",
+                0.85 * rack_draw.get(r, 0.0) + 8 * 70 * nodes_per_rack + 500,
+                baseline_w=500.0,
+                kind="rack",
+            )
+        )
     for n in range(n_nodes):
-        domains.append(Domain(node_ids[n], 0.95 * node_draw.get(n, 0.0) + 8 * 70 + 800, baseline_w=800.0, kind="node"))
-    return Problem(tuple(gpus), tuple(domains), tuple(jobs), Objective(kind, price_per_kwh=0.12, pue=1.3))
+        domains.append(
+            Domain(
+                node_ids[n],
+                0.95 * node_draw.get(n, 0.0) + 8 * 70 + 800,
+                baseline_w=800.0,
+                kind="node",
+            )
+        )
+    return Problem(
+        tuple(gpus), tuple(domains), tuple(jobs), Objective(kind, price_per_kwh=0.12, pue=1.3)
+    )
 
 
 def bench_capping(sizes: list[int], lp_max: int = 100_000) -> None:
@@ -113,7 +133,9 @@ def bench_capping(sizes: list[int], lp_max: int = 100_000) -> None:
             t0 = time.perf_counter()
             lp = solve_capping(p, "lp", fits=fits)
             t_lp = time.perf_counter() - t0
-            rel = abs(fast.objective_value - lp.objective_value) / max(1e-12, abs(lp.objective_value))
+            rel = abs(fast.objective_value - lp.objective_value) / max(
+                1e-12, abs(lp.objective_value)
+            )
             print(
                 f"  {n:>7} GPUs  fit {t_fit:6.2f}  fast {t_fast:6.2f}  lp {t_lp:6.2f}  "
                 f"{fast.objective_value:.6f}  {lp.objective_value:.6f}  {rel:.1e}  {lp.status}  "

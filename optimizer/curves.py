@@ -324,6 +324,42 @@ def _prior_curve(
     return xs, [scale * r(x) for x in xs]
 
 
+def _extend_below(
+    xs: list[float],
+    ys: list[float],
+    lo: float,
+    draw_w: float,
+    shape: Sequence[tuple[float, float]],
+) -> tuple[list[float], list[float]]:
+    """Points on [lo, xs[0]) where no sample was taken.
+
+    The data say nothing there, so take the more pessimistic of two concave
+    continuations: the first fitted slope carried on, and the prior shape
+    anchored at the lowest sample. The minimum of the two stays concave and
+    keeps a fleet that was only ever observed near its top from being capped
+    to the floor on a flat extrapolation.
+    """
+    x1, y1 = xs[0], ys[0]
+    s1 = (ys[1] - ys[0]) / (xs[1] - xs[0]) if len(xs) > 1 else 0.0
+    px = [p * draw_w for p, _ in shape]
+    py = [r for _, r in shape]
+    s0 = (py[1] - py[0]) / (px[1] - px[0])
+
+    def r(x: float) -> float:
+        if x <= px[0]:
+            return max(0.0, py[0] - s0 * (px[0] - x))
+        return float(np.interp(x, px, py))
+
+    r1 = r(x1)
+    grid = sorted({lo, *[x for x in px if lo < x < x1]})
+    out_y = []
+    for x in grid:
+        lin = y1 - s1 * (x1 - x)
+        pri = y1 * r(x) / r1 if r1 > 0 else lin
+        out_y.append(max(0.0, min(lin, pri)))
+    return grid, out_y
+
+
 def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
     """Fit one job's curve over the cap range of its GPUs; ``gpus`` are the job's GPUs."""
     lo = min(g.min_w for g in gpus)
@@ -337,8 +373,12 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
         xs, ys = _prior_curve(prior_for_model(gpus[0].model), draw, lo, hi, pts)
         method = "prior"
     else:
-        gx, gy, method = concave_l1_fit([x for x, _ in pts], [y for _, y in pts], lo=lo)
+        gx, gy, method = concave_l1_fit([x for x, _ in pts], [y for _, y in pts])
         xs, ys = list(gx), list(gy)
+        if lo < xs[0]:
+            ext_draw = min(max(max(measured) if measured else hi, lo), hi)
+            ex, ey = _extend_below(xs, ys, lo, ext_draw, prior_for_model(gpus[0].model))
+            xs, ys = ex + xs, ey + ys
         if xs[-1] < hi:
             xs.append(hi)
             ys.append(ys[-1])

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 
-PROBE_LEVELS = (0.8, 0.65, 0.55, 0.45)  # share of the max limit; 1.0 is the "before" phase
+PROBE_LEVELS = (0.8, 0.65, 0.55, 0.45, 0.35)  # share of the max limit; 1.0 is the "before" phase
 SETTLED_STEPS = 2  # reconciler intervals of margin after the last expected change
 
 
@@ -50,7 +50,7 @@ class DemoOptions:
 
     nodes: int = 4
     gpus: int = 8
-    probe_s: float = 240.0
+    probe_s: float = 300.0
     before_s: float = 600.0
     after_s: float = 600.0
     step_s: float = 5.0

@@ -171,7 +171,8 @@ def test_start_and_stop_hooks(tmp_path: Path) -> None:
 
 def test_embedded_store_retention(tmp_path: Path) -> None:
     now_ns = 1_900_000_000 * 10**9
-    daemon = AgentDaemon(_config(tmp_path, retention_days=1.0), clock=lambda: now_ns)
+    quiet = {"interval_s": 3600.0, "ship_interval_s": 3600.0}  # no cycle runs during the test
+    daemon = AgentDaemon(_config(tmp_path, retention_days=1.0, **quiet), clock=lambda: now_ns)
     daemon.start()
     try:
         assert any(j.name == "retention" for j in daemon._jobs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.spool import Spool
+from agent.spool import Spool, row_size
 from dcenergy.lineprotocol import decode, encode, line_time_ns
 from dcenergy.schema import Point
 
@@ -55,7 +55,7 @@ def test_depth_and_size_track_rows_exactly(spool: Spool) -> None:
     rows = spool.peek(1000)
     assert spool.depth() == 100
     assert spool.size_bytes() == sum(
-        len(line.encode()) + len(line.split(" ")[0].encode()) + 32 for _, line in rows
+        row_size(line) for _, line in rows
     )
     spool.ack([rid for rid, _ in rows[:40]])
     assert spool.depth() == 60
@@ -139,7 +139,7 @@ def test_uses_wal(spool: Spool) -> None:
 _CHILD = textwrap.dedent(
     """
     import os, sys
-    from agent.spool import Spool
+    from agent.spool import Spool, row_size
     from dcenergy.schema import Point
     path, progress = sys.argv[1], sys.argv[2]
     s = Spool(path, max_bytes=10**9)
@@ -188,3 +188,20 @@ def test_every_committed_put_survives_sigkill(tmp_path: Path) -> None:
         assert first == encode(Point("gpu", {"host": "h", "gpu": "0"}, {"power_w": 0.0}, 0))
     finally:
         s.close()
+
+
+def test_idempotent_across_reopen_and_series_cleanup(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite"
+    s = Spool(path, max_bytes=10**7)
+    s.put([pt(1, host="a"), pt(1, host="b")])
+    s.ack([rid for rid, _ in s.peek(1)])  # host a's series is no longer referenced
+    s.close()
+    s = Spool(path, max_bytes=10**7)  # cleans up unused series, starts with an empty cache
+    s.put([pt(1, host="b"), pt(1, host="a"), pt(2, host="a")])
+    assert sorted(decode(x).tags["host"] + str(decode(x).time_ns) for _, x in s.peek(10)) == [
+        "a1",
+        "a2",
+        "b1",
+    ]
+    assert s.depth() == 3
+    s.close()

@@ -14,30 +14,47 @@ from optimizer.problem import Gpu, Problem, parse_problem
 
 
 def gpu(i: int, domains: list[str], **kw: Any) -> dict[str, Any]:
-    d = {"id": f"g{i}", "host": "n", "model": "H100", "min_w": 100, "max_w": 300,
-         "default_w": 300, "idle_w": 40, "domains": domains}
+    d = {
+        "id": f"g{i}",
+        "host": "n",
+        "model": "H100",
+        "min_w": 100,
+        "max_w": 300,
+        "default_w": 300,
+        "idle_w": 40,
+        "domains": domains,
+    }
     d.update(kw)
     return d
 
 
-def linear_job(jid: str, gpus: list[str], slope: float, slowdown: float = 0.9, **kw: Any) -> dict[str, Any]:
+def linear_job(
+    jid: str, gpus: list[str], slope: float, slowdown: float = 0.9, **kw: Any
+) -> dict[str, Any]:
     """Throughput = slope * cap on [100, 300]: exactly linear, so optima are by hand."""
-    j = {"id": jid, "gpus": gpus, "allowed_slowdown": slowdown,
-         "samples": [{"cap_w": c, "throughput": slope * c} for c in (100, 200, 300)]}
+    j = {
+        "id": jid,
+        "gpus": gpus,
+        "allowed_slowdown": slowdown,
+        "samples": [{"cap_w": c, "throughput": slope * c} for c in (100, 200, 300)],
+    }
     j.update(kw)
     return j
 
 
-def two_gpu_problem(kind: str = "budget", budget: float = 450, slow_a: float = 0.9,
-                    slow_b: float = 0.9, **obj: Any) -> Problem:
+def two_gpu_problem(
+    kind: str = "budget", budget: float = 450, slow_a: float = 0.9, slow_b: float = 0.9, **obj: Any
+) -> Problem:
     # job a: 1 unit/W, uncapped 300; job b: 0.5 unit/W above... (samples 50,100,150), uncapped 150
-    return parse_problem({
-        "version": 1,
-        "domains": [{"id": "rack", "budget_w": budget}],
-        "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
-        "jobs": [linear_job("a", ["g0"], 1.0, slow_a), linear_job("b", ["g1"], 0.5, slow_b)],
-        "objective": {"kind": kind, **obj},
-    })
+    return parse_problem(
+        {
+            "version": 1,
+            "domains": [{"id": "rack", "budget_w": budget}],
+            "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
+            "jobs": [linear_job("a", ["g0"], 1.0, slow_a), linear_job("b", ["g1"], 0.5, slow_b)],
+            "objective": {"kind": kind, **obj},
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["lp", "fast", "auto"])
@@ -53,13 +70,18 @@ def test_budget_binding_hand_optimum(method: str) -> None:
 
 
 def weighted_problem(slow_b: float = 0.9) -> Problem:
-    return parse_problem({
-        "version": 1,
-        "domains": [{"id": "rack", "budget_w": 450}],
-        "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
-        "jobs": [linear_job("a", ["g0"], 1.0), linear_job("b", ["g1"], 0.5, slow_b, weight=0.5)],
-        "objective": {"kind": "budget"},
-    })
+    return parse_problem(
+        {
+            "version": 1,
+            "domains": [{"id": "rack", "budget_w": 450}],
+            "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
+            "jobs": [
+                linear_job("a", ["g0"], 1.0),
+                linear_job("b", ["g1"], 0.5, slow_b, weight=0.5),
+            ],
+            "objective": {"kind": "budget"},
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["lp", "fast", "auto"])
@@ -107,15 +129,22 @@ def test_cost_objective_hand_optimum() -> None:
 
 
 def test_synchronous_job_gets_one_cap() -> None:
-    p = parse_problem({
-        "version": 1,
-        "domains": [{"id": "rack", "budget_w": 700}, {"id": "n1", "budget_w": 1000},
-                    {"id": "n2", "budget_w": 1000}],
-        "gpus": [gpu(0, ["rack", "n1"]), gpu(1, ["rack", "n1"]), gpu(2, ["rack", "n2"])],
-        "jobs": [linear_job("sync", ["g0", "g1"], 2.0, synchronous=True),
-                 linear_job("solo", ["g2"], 0.5)],
-        "objective": {"kind": "budget"},
-    })
+    p = parse_problem(
+        {
+            "version": 1,
+            "domains": [
+                {"id": "rack", "budget_w": 700},
+                {"id": "n1", "budget_w": 1000},
+                {"id": "n2", "budget_w": 1000},
+            ],
+            "gpus": [gpu(0, ["rack", "n1"]), gpu(1, ["rack", "n1"]), gpu(2, ["rack", "n2"])],
+            "jobs": [
+                linear_job("sync", ["g0", "g1"], 2.0, synchronous=True),
+                linear_job("solo", ["g2"], 0.5),
+            ],
+            "objective": {"kind": "budget"},
+        }
+    )
     for method in ("lp", "fast"):
         r = solve_capping(p, method)  # type: ignore[arg-type]
         caps = r.caps_w
@@ -127,27 +156,33 @@ def test_synchronous_job_gets_one_cap() -> None:
 
 
 def test_sync_job_across_domain_sets_is_not_fast() -> None:
-    p = parse_problem({
-        "version": 1,
-        "domains": [{"id": "n1", "budget_w": 1000}, {"id": "n2", "budget_w": 1000}],
-        "gpus": [gpu(0, ["n1"]), gpu(1, ["n2"])],
-        "jobs": [linear_job("sync", ["g0", "g1"], 2.0, synchronous=True)],
-        "objective": {"kind": "budget"},
-    })
+    p = parse_problem(
+        {
+            "version": 1,
+            "domains": [{"id": "n1", "budget_w": 1000}, {"id": "n2", "budget_w": 1000}],
+            "gpus": [gpu(0, ["n1"]), gpu(1, ["n2"])],
+            "jobs": [linear_job("sync", ["g0", "g1"], 2.0, synchronous=True)],
+            "objective": {"kind": "budget"},
+        }
+    )
     assert fast_path_applicable(p) is not None
     assert solve_capping(p).method == "lp"
 
 
 def test_non_nested_overlapping_domains() -> None:
     # feed-a: g0,g1; feed-b: g1,g2; all jobs 1 unit/W. Optimum: g0 = g2 = 300, g1 = 150.
-    p = parse_problem({
-        "version": 1,
-        "domains": [{"id": "feed-a", "budget_w": 450, "kind": "feed"},
-                    {"id": "feed-b", "budget_w": 450, "kind": "feed"}],
-        "gpus": [gpu(0, ["feed-a"]), gpu(1, ["feed-a", "feed-b"]), gpu(2, ["feed-b"])],
-        "jobs": [linear_job(f"j{i}", [f"g{i}"], 1.0) for i in range(3)],
-        "objective": {"kind": "budget"},
-    })
+    p = parse_problem(
+        {
+            "version": 1,
+            "domains": [
+                {"id": "feed-a", "budget_w": 450, "kind": "feed"},
+                {"id": "feed-b", "budget_w": 450, "kind": "feed"},
+            ],
+            "gpus": [gpu(0, ["feed-a"]), gpu(1, ["feed-a", "feed-b"]), gpu(2, ["feed-b"])],
+            "jobs": [linear_job(f"j{i}", [f"g{i}"], 1.0) for i in range(3)],
+            "objective": {"kind": "budget"},
+        }
+    )
     assert fast_path_applicable(p) is not None
     with pytest.raises(ValueError, match="not laminar"):
         solve_capping(p, "fast")
@@ -158,16 +193,24 @@ def test_non_nested_overlapping_domains() -> None:
 
 
 def test_infeasible_budget_names_domain_and_shortfall() -> None:
-    p = parse_problem({
-        "version": 1,
-        "domains": [{"id": "facility", "budget_w": 10000},
-                    {"id": "rack-a", "budget_w": 150, "baseline_w": 20},
-                    {"id": "rack-b", "budget_w": 350}],
-        "gpus": [gpu(0, ["facility", "rack-a"]), gpu(1, ["facility", "rack-a"]),
-                 gpu(2, ["facility", "rack-b"]), gpu(3, ["facility", "rack-b"])],
-        "jobs": [linear_job("a", ["g0", "g1"], 1.0), linear_job("b", ["g2"], 1.0)],
-        "objective": {"kind": "budget"},
-    })
+    p = parse_problem(
+        {
+            "version": 1,
+            "domains": [
+                {"id": "facility", "budget_w": 10000},
+                {"id": "rack-a", "budget_w": 150, "baseline_w": 20},
+                {"id": "rack-b", "budget_w": 350},
+            ],
+            "gpus": [
+                gpu(0, ["facility", "rack-a"]),
+                gpu(1, ["facility", "rack-a"]),
+                gpu(2, ["facility", "rack-b"]),
+                gpu(3, ["facility", "rack-b"]),
+            ],
+            "jobs": [linear_job("a", ["g0", "g1"], 1.0), linear_job("b", ["g2"], 1.0)],
+            "objective": {"kind": "budget"},
+        }
+    )
     for method in ("lp", "fast"):
         r = solve_capping(p, method)  # type: ignore[arg-type]
         assert not r.feasible and r.status.startswith("best-effort")
@@ -179,13 +222,15 @@ def test_infeasible_budget_names_domain_and_shortfall() -> None:
 
 
 def test_idle_gpu_counts_idle_power() -> None:
-    p = parse_problem({
-        "version": 1,
-        "domains": [{"id": "rack", "budget_w": 300}],
-        "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
-        "jobs": [linear_job("a", ["g0"], 1.0)],
-        "objective": {"kind": "budget"},
-    })
+    p = parse_problem(
+        {
+            "version": 1,
+            "domains": [{"id": "rack", "budget_w": 300}],
+            "gpus": [gpu(0, ["rack"]), gpu(1, ["rack"])],
+            "jobs": [linear_job("a", ["g0"], 1.0)],
+            "objective": {"kind": "budget"},
+        }
+    )
     r = solve_capping(p)
     assert r.caps_w["g0"] == pytest.approx(260)  # 300 - 40 idle
 
@@ -230,29 +275,61 @@ def laminar_problems(draw: st.DrawFn) -> Problem:
             mn = draw(st.sampled_from([100.0, 150.0]))  # one per node: sync groups stay feasible
             for _ in range(k):
                 i = len(gpus)
-                gpus.append({"id": f"g{i}", "host": node, "model": "H100", "min_w": mn, "max_w": 400.0,
-                             "default_w": 400.0, "idle_w": 30.0, "domains": ["fac", f"r{r}", node]})
+                gpus.append(
+                    {
+                        "id": f"g{i}",
+                        "host": node,
+                        "model": "H100",
+                        "min_w": mn,
+                        "max_w": 400.0,
+                        "default_w": 400.0,
+                        "idle_w": 30.0,
+                        "domains": ["fac", f"r{r}", node],
+                    }
+                )
                 ids.append(f"g{i}")
                 rack_gpus_min += mn
             sync = k > 1 and draw(st.booleans())
             groups = [ids] if sync else [[g] for g in ids]
             for grp in groups:
-                slopes = sorted(draw(st.lists(st.floats(0.0, 2.0), min_size=3, max_size=3)), reverse=True)
+                slopes = sorted(
+                    draw(st.lists(st.floats(0.0, 2.0), min_size=3, max_size=3)), reverse=True
+                )
                 y0 = draw(st.floats(10.0, 100.0))
                 caps = [100.0, 200.0, 300.0, 400.0]
                 ys = [y0]
                 for s in slopes:
                     ys.append(ys[-1] + s * 100.0)
-                jobs.append({"id": f"j{len(jobs)}", "gpus": grp, "synchronous": sync,
-                             "weight": draw(st.sampled_from([0.5, 1.0, 3.0])), "allowed_slowdown": 0.99,
-                             "samples": [{"cap_w": c, "throughput": y} for c, y in zip(caps, ys)]})
+                jobs.append(
+                    {
+                        "id": f"j{len(jobs)}",
+                        "gpus": grp,
+                        "synchronous": sync,
+                        "weight": draw(st.sampled_from([0.5, 1.0, 3.0])),
+                        "allowed_slowdown": 0.99,
+                        "samples": [
+                            {"cap_w": c, "throughput": y} for c, y in zip(caps, ys, strict=True)
+                        ],
+                    }
+                )
             node_min = sum(g["min_w"] for g in gpus if g["host"] == node)
-            domains.append({"id": node, "budget_w": node_min + draw(st.floats(0.0, 300.0 * k)) + 1.0})
-        domains.append({"id": f"r{r}", "budget_w": rack_gpus_min + draw(st.floats(0.0, 600.0)) + 1.0})
+            domains.append(
+                {"id": node, "budget_w": node_min + draw(st.floats(0.0, 300.0 * k)) + 1.0}
+            )
+        domains.append(
+            {"id": f"r{r}", "budget_w": rack_gpus_min + draw(st.floats(0.0, 600.0)) + 1.0}
+        )
         min_total += rack_gpus_min
     domains.append({"id": "fac", "budget_w": min_total + draw(st.floats(0.0, 1500.0)) + 1.0})
-    return parse_problem({"version": 1, "domains": domains, "gpus": gpus, "jobs": jobs,
-                          "objective": {"kind": "budget"}})
+    return parse_problem(
+        {
+            "version": 1,
+            "domains": domains,
+            "gpus": gpus,
+            "jobs": jobs,
+            "objective": {"kind": "budget"},
+        }
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

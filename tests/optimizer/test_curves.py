@@ -50,7 +50,9 @@ def test_fit_is_flat_above_the_measured_draw() -> None:
     )
     fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
     assert fit.draw_w == 450.0
-    assert fit.curve.value(500) == pytest.approx(80.0) and fit.curve.value(700) == pytest.approx(80.0)
+    assert fit.curve.value(500) == pytest.approx(80.0) and fit.curve.value(700) == pytest.approx(
+        80.0
+    )
     assert fit.curve.value(200) == pytest.approx(40.0)  # linear extension of the first slope
 
 

@@ -97,9 +97,15 @@ def test_canonical_bytes_ignore_signature(example: Any) -> None:
         (lambda d: d.update(expires_ns=0), "expires_ns"),
         (lambda d: d["setpoints"][0].update(power_limit_w=-5), "setpoints[0].power_limit_w"),
         (lambda d: d["setpoints"][1].update(gpu=d["setpoints"][0]["gpu"]), "setpoints[1].gpu"),
-        (lambda d: d["setpoints"][0].update(sm_clock_max_mhz="fast"), "setpoints[0].sm_clock_max_mhz"),
+        (
+            lambda d: d["setpoints"][0].update(sm_clock_max_mhz="fast"),
+            "setpoints[0].sm_clock_max_mhz",
+        ),
         (lambda d: d["solver"].update(feasible="yes"), "solver.feasible"),
-        (lambda d: d["predictions"]["after"].pop("fleet_power_w"), "predictions.after.fleet_power_w"),
+        (
+            lambda d: d["predictions"]["after"].pop("fleet_power_w"),
+            "predictions.after.fleet_power_w",
+        ),
         (lambda d: d["shadow_prices"].update(facility="x"), "shadow_prices.facility"),
     ],
 )
@@ -121,8 +127,18 @@ def test_load_plan_bad_json(tmp_path: Path) -> None:
 def test_report_mentions_everything(example: Any) -> None:
     p, plan = example
     text = render_report(p, plan)
-    for needle in ("facility", "feed-a", "llm-pretrain", "finetune-7b", "value/kW", "uniform",
-                   "Consolidation", "node-b1", "gpus_freed", "MHz"):
+    for needle in (
+        "facility",
+        "feed-a",
+        "llm-pretrain",
+        "finetune-7b",
+        "value/kW",
+        "uniform",
+        "Consolidation",
+        "node-b1",
+        "gpus_freed",
+        "MHz",
+    ):
         assert needle in text, needle
 
 
