@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 SPOOL_FILE = "spool.sqlite"
 JOBS_SUBDIR = "jobs"
 RETENTION_INTERVAL_S = 3600.0
+SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM/SIGINT
 DEFAULT_FLUSH_TIMEOUT_S = 15.0  # the unit's TimeoutStopSec= (30 s) leaves room for it
 
 
@@ -111,6 +112,7 @@ class AgentDaemon:
         self.flush_timeout_s = flush_timeout_s
         self._on_spooled = on_spooled  # (time_ns, points committed): tests and demos
         self._stop = threading.Event()
+        self._signalled: int | None = None  # set by the signal handler, nothing else
         self._jobs: list[PeriodicJob] = []
         self._start_hooks: list[Callable[[AgentDaemon], object]] = []
         self._stop_hooks: list[Callable[[AgentDaemon], object]] = []
@@ -167,7 +169,7 @@ class AgentDaemon:
         restore = self._install_signal_handlers()
         try:
             self.start()
-            self._stop.wait(duration_s)
+            self._wait(duration_s)
         finally:
             try:
                 self.shutdown()
@@ -176,8 +178,26 @@ class AgentDaemon:
         return 0
 
     def stop(self) -> None:
-        """Ask ``run()`` to return (safe from any thread and from a signal handler)."""
+        """Ask ``run()`` to return (from any thread; signals go through ``_signalled``)."""
         self._stop.set()
+
+    def _wait(self, duration_s: float | None) -> None:
+        """Wait for ``stop()``, a signal, or ``duration_s``.
+
+        The signal handler only assigns an int: ``Event.set()`` takes a lock, and a
+        handler that interrupted the main thread while it held that lock would
+        deadlock. So the main thread looks at the flag every ``SIGNAL_POLL_S``.
+        """
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while self._signalled is None:
+            slice_s = SIGNAL_POLL_S
+            if deadline is not None:
+                slice_s = min(slice_s, deadline - time.monotonic())
+                if slice_s <= 0:
+                    return
+            if self._stop.wait(slice_s):
+                return
+        log.info("received %s, shutting down", signal.Signals(self._signalled).name)
 
     @property
     def backend(self) -> DeviceBackend:
@@ -203,6 +223,14 @@ class AgentDaemon:
             return
         self._started = True
         self._open_parts()
+        wd = self.notifier.watchdog_s
+        if wd is not None and self.config.agent.interval_s * 2 > wd:
+            log.warning(
+                "agent.interval_s (%g s) is over half of WatchdogSec= (%g s): systemd may "
+                "restart a healthy agent between two samples",
+                self.config.agent.interval_s,
+                wd,
+            )
         self._call_hooks(self._start_hooks, "start hook")
         n_gpus = len(self.backend.devices())
         self.notifier.ready(f"sampling {n_gpus} GPUs every {self.config.agent.interval_s:g} s")
@@ -450,13 +478,12 @@ class AgentDaemon:
             )
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGINT → ``stop()``; possible (and needed) only on the main thread."""
+        """SIGTERM/SIGINT end ``run()``; handlers can only be set on the main thread."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
         def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            self.stop()
+            self._signalled = signum  # no lock, no logging: see _wait
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 

@@ -23,9 +23,13 @@ class Notifier:
     """Sends sd_notify messages to ``$NOTIFY_SOCKET`` (read from ``env`` at construction)."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        raw = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+        env = os.environ if env is None else env
+        raw = env.get("NOTIFY_SOCKET", "")
         # "@name" is the abstract namespace: the kernel wants a leading NUL byte instead.
         self.address: str | None = ("\0" + raw[1:]) if raw.startswith("@") else (raw or None)
+        # WatchdogSec= as systemd exports it; None when the watchdog is off.
+        usec = env.get("WATCHDOG_USEC", "")
+        self.watchdog_s: float | None = int(usec) / 1e6 if usec.isdigit() else None
         self.errors_total = 0
         self._logged = False
 

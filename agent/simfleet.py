@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
@@ -88,18 +88,19 @@ def node_layout(node_index: int, gpus: int) -> list[JobSpec | None]:
     with light services. Each but the first leaves an idle GPU or more.
     """
     half, quarter = gpus // 2, gpus // 4
+    train, infer, light = JobSpec("training", half), JobSpec("inference", 1), JobSpec("light", 1)
     out: list[JobSpec | None] = []
     match node_index % 4:
         case 0:
-            out = [JobSpec("training", gpus)]
+            out.append(JobSpec("training", gpus))
         case 1:
-            out = [JobSpec("training", half)] if half else []
-            out += [JobSpec("inference", 1)] * max(0, gpus - half - 1)
+            out += [train] if half else []
+            out += [infer] * max(0, gpus - half - 1)
         case 2:
-            out = [JobSpec("inference", 1)] * half + [JobSpec("light", 1)] * quarter
+            out += [infer] * half + [light] * quarter
         case _:
-            out = [JobSpec("training", half)] if half else []
-            out += [JobSpec("light", 1)] * quarter
+            out += [train] if half else []
+            out += [light] * quarter
     used = sum(s.gpus for s in out if s is not None)
     return out + [None] * (gpus - used)
 
@@ -174,7 +175,9 @@ class SimFleet:
         runtime_root: Path | None = None,
     ) -> None:
         if nodes < 1 or gpus_per_node < 1:
-            raise ValueError(f"need nodes >= 1 and gpus_per_node >= 1, got {nodes}, {gpus_per_node}")
+            raise ValueError(
+                f"need nodes >= 1 and gpus_per_node >= 1, got {nodes}, {gpus_per_node}"
+            )
         if step_s <= 0 or ship_interval_s <= 0:
             raise ValueError("step_s and ship_interval_s must be > 0")
         self.store = store
@@ -403,7 +406,7 @@ def _runtime_dir(state_root: Path) -> Path:
     Reports are rewritten every step; on a disk file system each atomic rename
     costs milliseconds, on tmpfs a tenth of one.
     """
-    shm = Path("/dev/shm")
+    shm = Path("/dev/shm")  # noqa: S108 (mkdtemp below: a private 0700 directory)
     if shm.is_dir() and os.access(shm, os.W_OK):
         return Path(tempfile.mkdtemp(prefix="dcenergy-sim-", dir=shm))
     path = state_root / "run"
@@ -417,8 +420,3 @@ def _fake_proc(proc_root: Path, pid: int, job_id: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "cgroup").write_text("0::/system.slice/simjob.scope\n")
     (d / "environ").write_bytes(b"PATH=/usr/bin\0SLURM_JOB_ID=" + job_id.encode() + b"\0")
-
-
-def total_power_w(gpus: Iterable[SimulatedGpu]) -> float:
-    """Sum of the GPUs' power now (ground truth, for tests)."""
-    return sum(float(g.sample().power_w or 0.0) for g in gpus)

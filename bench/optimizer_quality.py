@@ -11,12 +11,33 @@ curves.
 * energy mode, 5 % allowed slowdown: GPU power saved vs no capping (target >= 20 %),
   and the true slowdown of the worst job.
 
+Fit error is reported per job twice: RMSE / mean over the samples (what the
+fit sees) and the mean |fitted - true| over the cap range, relative to uncapped
+throughput (what it gets wrong), by fit method.
+
+The energy mode tightens every job's floor by its fit's ``slowdown_margin``
+(a one-sided ~95 % bound, ``optimizer/curves.py``). The bench also solves with
+the margins scaled down (x0 = no margin, x0.6 ~ z = 1) and with the true curves
+(the oracle), so the trade-off between energy saved and jobs past their
+allowance is visible rather than one point of it.
+
+About the fleet: two job classes (60 % compute-bound training near TDP, 40 %
+memory-bound inference at 43-64 % of TDP), 1-8 GPUs per job, 20 % never
+capped, 3 % throughput noise. The true shapes deliberately differ from the
+optimizer's priors (the memory-bound truth is steeper below 70 % of its draw).
+With a facility budget at 70 % of the uncapped draw, uniform shares (~390 W)
+already sit near the memory-bound jobs' draw, so the oracle gains only ~1.09x
+over uniform: the 1.10x target is above this fleet's ceiling, printed below.
+The fleet was left as it is (changing it to clear the target would be tuning
+the benchmark).
+
 Run: ``python bench/optimizer_quality.py [--nodes 200] [--seed 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimizer.baselines import evaluate_baselines
-from optimizer.capping import evaluate_caps, solve_capping
+from optimizer.capping import Evaluation, evaluate_caps, solve_capping
 from optimizer.curves import Curve, CurveFit, fit_curves
 from optimizer.problem import Domain, Gpu, Job, Objective, Problem, Sample
 
@@ -79,6 +100,7 @@ def fleet(
             scale = float(rng.uniform(50, 150)) * size
             curve = true_curve(shape, draw, scale)
             jid = f"job{len(jobs)}"
+            samples: tuple[Sample, ...]
             if rng.random() < 0.2:  # never capped: one uncapped observation
                 samples = (
                     Sample(
@@ -130,6 +152,18 @@ def main() -> None:
         f"fleet: {len(p.gpus)} GPUs, {len(p.jobs)} jobs ({priors} on the prior), "
         f"fit RMSE/mean median {np.median(rmse):.3f}"
     )
+    grid = np.linspace(MIN_W, MAX_W, 101)
+    by_method: dict[str, list[float]] = {}
+    for jid, f in fits.items():
+        t = truth[jid]
+        err = np.abs(f.curve.values(grid) / f.uncapped - t.curve.values(grid) / t.uncapped)
+        by_method.setdefault(f.method, []).append(float(err.mean()))
+    print("  true-curve error per job, mean |fit - true| / uncapped over the cap range:")
+    for method, errs in sorted(by_method.items()):
+        print(
+            f"    {method:6s} {len(errs):4d} jobs: median {np.median(errs) * 100:.2f} %, "
+            f"p90 {np.percentile(errs, 90) * 100:.2f} %, worst {max(errs) * 100:.2f} %"
+        )
     plan = solve_capping(p, fits=fits)
     oracle = solve_capping(p, "lp", fits=truth)
     score = evaluate_caps(p, plan.caps_w, truth)
@@ -159,20 +193,31 @@ def main() -> None:
     )
 
     p2, truth2 = fleet(args.nodes, args.seed, "energy", 0.05, 10.0)
-    r2 = solve_capping(p2)
+    fits2 = fit_curves(p2)
     before = evaluate_caps(p2, {}, truth2)
-    after = evaluate_caps(p2, r2.caps_w, truth2)
+    print("energy mode, 5 % allowed slowdown (scored on true curves)")
+    print(f"  GPU power uncapped {before.fleet_power_w / 1000:.1f} kW")
+    for label, scale in (("no margin", 0.0), ("margin x0.6", 0.6), ("margin (default)", 1.0)):
+        f2 = {
+            k: dataclasses.replace(f, slowdown_margin=f.slowdown_margin * scale)
+            for k, f in fits2.items()
+        }
+        _energy_line(label, p2, before, solve_capping(p2, fits=f2).caps_w, truth2)
+    _energy_line("oracle", p2, before, solve_capping(p2, "lp", fits=truth2).caps_w, truth2)
+    print("  (target: >= 20 % saved with as few jobs past 5 % as possible)")
+
+
+def _energy_line(
+    label: str, p: Problem, before: Evaluation, caps: dict[str, float], truth: dict[str, CurveFit]
+) -> None:
+    after = evaluate_caps(p, caps, truth)
     saved = 1 - after.fleet_power_w / before.fleet_power_w
     slow = [1 - after.job_throughput[j] / before.job_throughput[j] for j in before.job_throughput]
     over = sum(s > 0.05 + 1e-9 for s in slow)
-    print("energy mode, 5 % allowed slowdown (scored on true curves)")
     print(
-        f"  GPU power {before.fleet_power_w / 1000:.1f} kW -> {after.fleet_power_w / 1000:.1f} kW: "
-        f"saved {saved * 100:.1f} % (target >= 20 %)"
-    )
-    print(
-        f"  true slowdown: median {np.median(slow) * 100:.1f} %, worst {max(slow) * 100:.1f} %, "
-        f"{over} of {len(slow)} jobs past 5 % (the fit's error)"
+        f"  {label:17s} saved {saved * 100:4.1f} %; true slowdown median "
+        f"{np.median(slow) * 100:.1f} %, worst {max(slow) * 100:4.1f} %, "
+        f"{over} of {len(slow)} jobs past 5 %"
     )
 
 

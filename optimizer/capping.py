@@ -12,7 +12,8 @@ The model
 * Budgets count a busy GPU at its **cap** (a GPU never draws above it, so the
   plan is safe even where the job draws more than we measured) and an idle
   GPU at ``idle_w``: for every domain ``sum(cap) + idle + baseline <= budget``.
-* Slowdown floors ``t_j >= (1 - allowed_slowdown_j) * uncapped_j`` are
+* Slowdown floors ``t_j >= (1 - s_j) * uncapped_j``, ``s_j`` the allowed
+  slowdown less the fit's ``slowdown_margin`` (never below 0), are
   constraints in every objective while they can all be met together with the
   budgets; when they cannot, budgets win (they are physics), the total
   weighted shortfall is minimised first and the plan names the jobs.
@@ -244,6 +245,10 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     job_unc = np.fromiter((f.uncapped for f in job_fits), dtype=float, count=n_jobs)
     job_w = np.fromiter((j.weight for j in jobs), dtype=float, count=n_jobs)
     job_s = np.fromiter((j.allowed_slowdown for j in jobs), dtype=float, count=n_jobs)
+    # the floor must hold on the true curve, not just the fitted one: take the
+    # fit's slowdown margin off what the job may lose (see CurveFit)
+    job_margin = np.fromiter((f.slowdown_margin for f in job_fits), dtype=float, count=n_jobs)
+    job_s = np.maximum(job_s - job_margin, 0.0)
     job_draw = np.fromiter((f.draw_w for f in job_fits), dtype=float, count=n_jobs)
     job_floor = (1.0 - job_s) * job_unc
 

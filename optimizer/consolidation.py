@@ -744,6 +744,48 @@ def _replace_pass(lay: _Layout, deadline: float) -> bool:
     return changed
 
 
+def _merge_pass(lay: _Layout, deadline: float) -> bool:
+    """Free shared GPUs: move a shared GPU's jobs into room left on other shared GPUs.
+
+    Catches what emptying nodes cannot: nodes that stay on anyway but share poorly.
+    """
+    d = lay.d
+    changed = False
+    for n in map(int, np.flatnonzero(lay.on)):
+        for b in sorted(lay.bins[n], key=lambda b: b[0]):
+            if time.monotonic() >= deadline:
+                return changed
+            if b not in lay.bins[n] or any(d.pinned[j] for j in b[2]):
+                continue  # gone already, or holds a job that must stay
+            jobs = list(b[2])
+            snaps = {n: lay.snapshot(n)}
+            before_w = lay.node_power_w(n) + sum(lay.mig_w(j) for j in jobs)
+            for j in jobs:
+                lay.remove(j)  # the GPU disappears once its last job is out
+            ok = True
+            for j in sorted(jobs, key=lay.size, reverse=True):
+                targets = [
+                    int(t) for t in np.flatnonzero(lay.on & (d.mem + _EPS >= d.jmem[j]))
+                    if lay.bin_for(j, int(t)) is not None
+                ]  # fmt: skip
+                if not targets:
+                    ok = False
+                    break
+                t = min(targets, key=lambda t: (t != d.cur[j], t != n))
+                if t not in snaps:
+                    snaps[t] = lay.snapshot(t)
+                    before_w += lay.node_power_w(t)
+                lay.place(j, t)
+            if ok:
+                after_w = sum(lay.node_power_w(m) for m in snaps) + sum(lay.mig_w(j) for j in jobs)
+                if after_w < before_w - 1e-7:
+                    changed = True
+                    continue
+            for m, snap in snaps.items():  # n first: it re-links every job of the bin
+                lay.restore(m, snap)
+    return changed
+
+
 def _home_pass(lay: _Layout) -> None:
     """Send moved jobs back to their own node where it is on, has room and costs no more."""
     d = lay.d
@@ -768,7 +810,8 @@ def _improve(lay: _Layout, deadline: float) -> _Layout:
             lay.on[n] = False
     while time.monotonic() < deadline:
         emptied = _empty_pass(lay, deadline)
-        if not (_replace_pass(lay, deadline) or emptied):
+        replaced = _replace_pass(lay, deadline)
+        if not (_merge_pass(lay, deadline) or replaced or emptied):
             break
     _home_pass(lay)
     for n in range(d.n_nodes):
@@ -883,6 +926,9 @@ def _build_model(d: _Data, classes: list[list[int]]) -> _Model:
     count = np.array([len(m) for m in classes], dtype=np.float64)
     forced_count = np.array([float(np.sum(d.forced[m])) for m in classes])
 
+    # Memory rounded down to whole MB: coefficients near HiGHS's tolerances (1e-7 GB seen in
+    # testing) made it return a wrong "optimal"; rounding down keeps the model a relaxation.
+    model_mem = np.floor(d.jmem * 1e3) / 1e3
     opt_job: list[int] = []
     opt_class: list[int] = []
     opt_cost: list[float] = []
@@ -895,7 +941,7 @@ def _build_model(d: _Data, classes: list[list[int]]) -> _Model:
         if d.pinned[j]:
             if d.packs[j]:
                 pin_util[home_c] += d.util[j]
-                pin_mem[home_c] += d.jmem[j]
+                pin_mem[home_c] += model_mem[j]
             else:
                 pin_gpus[home_c] += d.gpus[j]
                 constant += float(d.gpus[j] * d.gpu_idle[d.cur[j]])
@@ -942,7 +988,7 @@ def _build_model(d: _Data, classes: list[list[int]]) -> _Model:
     ex = ~sh
     add(cap_r + oc[ex], opt_idx[ex], d.gpus[oj[ex]].astype(np.float64))
     add(util_r + oc[sh], opt_idx[sh], d.util[oj[sh]])
-    add(mem_r + oc[sh], opt_idx[sh], d.jmem[oj[sh]])
+    add(mem_r + oc[sh], opt_idx[sh], model_mem[oj[sh]])
     cls = np.arange(n_cls, dtype=np.int64)
     add(cap_r + cls, y0 + cls, -d.cap[rep].astype(np.float64))  # GPUs: exclusive + slots <= cap*on
     add(cap_r + cls, s0 + cls, np.ones(n_cls))
@@ -1087,11 +1133,14 @@ def solve_consolidation(
         if res.x is not None:
             status = "optimal" if res.status == 0 else "time_limit"
             dual = getattr(res, "mip_dual_bound", None)
-            if dual is not None and math.isfinite(dual):
-                bound = max(bound, float(dual) + exact.constant)
             lay = _layout_from_milp(d, exact, np.asarray(res.x), deadline + 1.0)
             if lay is not None and lay.objective_w() <= best.objective_w() + 1e-7:
                 best, best_method = lay, "milp"
+            # A dual bound above a layout we verified is numerically wrong: keep the LP's.
+            if dual is not None and math.isfinite(dual):
+                dual_w = float(dual) + exact.constant
+                if dual_w <= best.objective_w() * (1 + 1e-7) + 1e-7:
+                    bound = max(bound, dual_w)
     return _result(
         d, best, method=best_method, status=status, bound_w=bound, time_s=time.monotonic() - start
     )

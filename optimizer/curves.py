@@ -7,9 +7,13 @@ are close to concave: the first watts above the minimum buy the most.
 
 A curve maps the **per-GPU cap** (W) to the **job's total throughput**
 (its unit per second), assuming every GPU of the job runs at that cap. The
-fit is an L1 concave regression solved as a small LP with HiGHS (robust to
-the odd outlier sample); with fewer than three distinct caps it falls back to
-a prior shape scaled to what was observed (see ``docs/problem-format.md``).
+fit is a two-parameter mix of the compute- and memory-bound prior shapes
+where that explains the samples as well as their noise allows, else an L1
+concave regression solved as a small LP with HiGHS (robust to the odd outlier
+sample); with fewer than three distinct caps it falls back to the prior shape
+the evidence picks, scaled to what was observed. Every fit carries a slowdown
+margin that the capping model takes off the job's allowance, so floors hold
+on the true curve (see ``docs/problem-format.md``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 from scipy import sparse
-from scipy.optimize import linprog
+from scipy.optimize import linprog, nnls
 
 from optimizer.problem import Gpu, Job, Problem
 
@@ -63,10 +67,28 @@ PRIORS_BY_MODEL: Final[dict[str, tuple[tuple[float, float], ...]]] = {
     "L40": PRIOR_COMPUTE_BOUND,
     "V100": PRIOR_COMPUTE_BOUND,
 }
+PRIOR_SHAPES: Final[dict[str, tuple[tuple[float, float], ...]]] = {
+    "compute": PRIOR_COMPUTE_BOUND,
+    "memory": PRIOR_MEMORY_BOUND,
+}
 MIN_DISTINCT_CAPS: Final = 3
 # A sample whose measured power is at least this share of its cap was held by
 # the cap; below it, the GPU drew what it wanted and the cap did not matter.
 POWER_LIMITED_SHARE: Final = 0.97
+# A job never held by a cap whose unconstrained draw is at most this share of
+# its GPUs' default cap is limited by something other than SM clocks (memory
+# bandwidth, host, network): it gets the memory-bound prior shape.
+MEMORY_BOUND_DRAW_SHARE: Final = 0.7
+# The two-shape model (a non-negative mix of the compute- and memory-bound
+# shapes, see ``fit_job_curve``) replaces the free concave fit when its RMS
+# residual is within this factor of the noise the samples show by themselves,
+# or within SHAPE_ABS_TOL of their mean throughput.
+SHAPE_NOISE_FACTOR: Final = 1.5
+SHAPE_ABS_TOL: Final = 0.01
+# Slowdown margin: z of a one-sided 95 % bound, and the margin of a curve that
+# rests on a prior shape alone (the spread of published curves near the top).
+SLOWDOWN_Z: Final = 1.645
+PRIOR_SLOWDOWN_MARGIN: Final = 0.01
 
 
 @dataclass(frozen=True)
@@ -163,15 +185,22 @@ class CurveFit:
 
     ``rmse_rel`` is the RMSE over samples divided by their mean throughput
     (``None`` with no samples). ``draw_w`` is the per-GPU power the job draws
-    when nothing holds it back; the curve is flat above it.
+    when nothing holds it back; the curve is flat above it. ``shape`` is the
+    prior shape the evidence chose (``"compute"`` or ``"memory"``; the fit
+    uses it for a ``"prior"`` curve and below the lowest sample).
+    ``slowdown_margin`` is how much the curve's predicted slowdown may
+    understate the true one (one-sided, about 95 %): the capping model
+    tightens the job's slowdown floor by it (see ``docs/problem-format.md``).
     """
 
     curve: Curve
-    method: str  # "exact" | "lp-l1" | "prior"
+    method: str  # "exact" | "lp-l1" | "shape" | "prior"
     n_samples: int
     n_distinct_caps: int
     rmse_rel: float | None
     draw_w: float
+    shape: str = "compute"
+    slowdown_margin: float = 0.0
 
     @property
     def uncapped(self) -> float:
@@ -360,31 +389,215 @@ def _extend_below(
     return grid, out_y
 
 
+def _aggregate_points(job: Job) -> tuple[list[tuple[float, float]], float | None]:
+    """Fitting points and the measured unconstrained draw (None if never seen).
+
+    Samples the cap did not hold all observe the same operating point, the
+    job's draw; their measured power only jitters. They share one x, the
+    median of their power (which is also the draw), so that jitter does not
+    pose as distinct caps. Samples held by a cap keep the cap as x.
+    """
+    free_w: list[float] = []
+    pts: list[tuple[float, float] | None] = []
+    for s in job.samples:
+        held = s.cap_w is not None and (
+            s.power_w is None or s.power_w >= POWER_LIMITED_SHARE * s.cap_w
+        )
+        if held:
+            assert s.cap_w is not None
+            pts.append((s.cap_w, s.throughput))
+        else:
+            assert s.power_w is not None
+            free_w.append(s.power_w)
+            pts.append(None)
+    draw = float(np.median(free_w)) if free_w else None
+    out: list[tuple[float, float]] = []
+    for s, p in zip(job.samples, pts, strict=True):
+        if p is None:
+            assert draw is not None
+            out.append((draw, s.throughput))
+        else:
+            out.append(p)
+    return out, draw
+
+
+def _shape_fn(shape: Sequence[tuple[float, float]], draw_w: float) -> Callable[[float], float]:
+    """The prior shape as a function of the cap (W), x scaled to ``draw_w``, flat above it."""
+    px = [p * draw_w for p, _ in shape]
+    py = [r for _, r in shape]
+    s0 = (py[1] - py[0]) / (px[1] - px[0])
+
+    def r(x: float) -> float:
+        if x <= px[0]:
+            return max(0.0, py[0] - s0 * (px[0] - x))
+        return float(np.interp(x, px, py))
+
+    return r
+
+
+def _choose_shape(
+    pts: Sequence[tuple[float, float]], draw_w: float | None, default_w: float, model: str
+) -> str:
+    """Which prior shape the evidence supports: ``"compute"`` or ``"memory"``.
+
+    With samples at two or more x, the shape whose least-squares scaling
+    leaves the smaller residual. Without, a job whose unconstrained draw stays
+    at most ``MEMORY_BOUND_DRAW_SHARE`` of its default cap is memory-bound.
+    Otherwise the GPU model's table entry (compute-bound everywhere).
+    """
+    xs = {round(x, 6) for x, _ in pts}
+    if len(xs) >= 2:
+        d = draw_w if draw_w is not None else max(x for x, _ in pts)
+        sse: dict[str, float] = {}
+        for name, shape in PRIOR_SHAPES.items():
+            r = _shape_fn(shape, d)
+            rx = np.array([r(x) for x, _ in pts])
+            y = np.array([y for _, y in pts])
+            den = float(rx @ rx)
+            k = float(rx @ y) / den if den > 0 else 0.0
+            sse[name] = float(np.sum((y - k * rx) ** 2))
+        return "memory" if sse["memory"] < sse["compute"] else "compute"
+    if draw_w is not None and draw_w <= MEMORY_BOUND_DRAW_SHARE * default_w:
+        return "memory"
+    return "memory" if prior_for_model(model) is PRIOR_MEMORY_BOUND else "compute"
+
+
+def _shape_gap(shape: str, draw_w: float, lo: float) -> float:
+    """How far above the compute-bound shape ``shape`` reads anywhere on [lo, draw_w].
+
+    A prior curve is the shape the evidence leaned to, but nothing measured
+    it below the samples; its slowdown floor is tightened by this gap, so the
+    more pessimistic, compute-bound reading keeps the floor too.
+    """
+    if shape == "compute":
+        return 0.0
+    fc = _shape_fn(PRIOR_COMPUTE_BOUND, draw_w)
+    fs = _shape_fn(PRIOR_SHAPES[shape], draw_w)
+    grid = np.linspace(min(lo, draw_w), draw_w, 65)
+    return float(max(0.0, *(fs(x) - fc(x) for x in grid)))
+
+
+def _noise_sd(pts: Sequence[tuple[float, float]]) -> float | None:
+    """The samples' own noise (SD, absolute), with no model of the curve.
+
+    Replicates at one x give pure error; across distinct x, the difference
+    estimator of Gasser, Sroka and Jennen-Steinmetz (1986) compares each
+    point with the line through its neighbours, which a smooth curve makes
+    nearly exact. None with no degrees of freedom.
+    """
+    by_x: dict[float, list[float]] = {}
+    for x, y in pts:
+        by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    ss, dof = 0.0, 0
+    for x in xs:
+        v = np.asarray(by_x[x])
+        ss += float(np.sum((v - v.mean()) ** 2))
+        dof += len(v) - 1
+    means = [float(np.mean(by_x[x])) for x in xs]
+    counts = [len(by_x[x]) for x in xs]
+    for i in range(1, len(xs) - 1):
+        h = xs[i + 1] - xs[i - 1]
+        a, b = (xs[i + 1] - xs[i]) / h, (xs[i] - xs[i - 1]) / h
+        e = a * means[i - 1] + b * means[i + 1] - means[i]
+        c2 = a * a / counts[i - 1] + b * b / counts[i + 1] + 1.0 / counts[i]
+        ss += e * e / c2
+        dof += 1
+    return math.sqrt(ss / dof) if dof else None
+
+
+def _shape_model(
+    pts: Sequence[tuple[float, float]], draw_w: float, lo: float, hi: float
+) -> tuple[list[float], list[float], float]:
+    """Least squares over ``a * compute(x) + b * memory(x)``, ``a, b >= 0``.
+
+    Two parameters pool every sample (where a free concave fit lets each
+    sample set its own stretch of curve); a non-negative mix of two concave
+    non-decreasing shapes is one too. Returns breakpoints on [lo, hi] and the
+    residual SD with the two parameters' degrees of freedom taken off.
+    """
+    fc = _shape_fn(PRIOR_COMPUTE_BOUND, draw_w)
+    fm = _shape_fn(PRIOR_MEMORY_BOUND, draw_w)
+    a_mat = np.array([[fc(x), fm(x)] for x, _ in pts])
+    y = np.array([y for _, y in pts])
+    coef, _ = nnls(a_mat, y)
+    res = y - a_mat @ coef
+    dof = max(1, len(pts) - 2)
+    sd = math.sqrt(float(res @ res) / dof)
+    knots = {lo, hi, *(p * draw_w for shape in PRIOR_SHAPES.values() for p, _ in shape)}
+    grid = sorted(x for x in knots if lo <= x <= hi)
+    return grid, [float(coef[0] * fc(x) + coef[1] * fm(x)) for x in grid], sd
+
+
+def _extend_above(
+    xs: list[float], ys: list[float], draw_w: float, shape: Sequence[tuple[float, float]]
+) -> tuple[list[float], list[float]]:
+    """Points on (xs[-1], draw_w] where the job was never seen: the prior shape
+    anchored at the highest sample, or the last fitted slope carried on if that
+    is lower (the minimum of two concave continuations keeps the curve concave).
+    """
+    xt, yt = xs[-1], ys[-1]
+    s_last = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+    r = _shape_fn(shape, draw_w)
+    rt = r(xt)
+    grid = sorted({draw_w, *[p * draw_w for p, _ in shape if xt < p * draw_w < draw_w]})
+    out = []
+    for x in grid:
+        lin = yt + max(0.0, s_last) * (x - xt)
+        pri = yt * r(x) / rt if rt > 0 else yt
+        out.append(max(yt, min(lin, pri)))
+    return grid, out
+
+
 def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
-    """Fit one job's curve over the cap range of its GPUs; ``gpus`` are the job's GPUs."""
+    """Fit one job's curve over the cap range of its GPUs; ``gpus`` are the job's GPUs.
+
+    * Fewer than ``MIN_DISTINCT_CAPS`` distinct x: the prior shape the
+      evidence picks (``_choose_shape``), scaled to the samples.
+    * Otherwise the two-shape model where it explains the samples as well as
+      their noise allows (``SHAPE_NOISE_FACTOR``), else the free concave L1
+      fit, continued below the lowest sample with the chosen prior shape.
+    """
     lo = min(g.min_w for g in gpus)
     hi = max(g.max_w for g in gpus)
-    pts = _sample_points(job)
+    default_w = max(g.default_w for g in gpus)
+    pts, free_draw = _aggregate_points(job)
     measured = [s.power_w for s in job.samples if s.power_w is not None]
+    if free_draw is None and measured:
+        # every measured sample was held by its cap: the job wants at least the
+        # highest of them, and at most its default cap; read it as the default
+        # (the curve keeps rising to there, so no capping looks free on no evidence)
+        free_draw = max(default_w, *(x for x, _ in pts))
     distinct = len({round(x, 6) for x, _ in pts})
+    shape = _choose_shape(pts, free_draw, default_w, gpus[0].model)
+    noise = _noise_sd(pts)
+    mean_y = sum(y for _, y in pts) / len(pts) if pts else 0.0
+    margin = PRIOR_SLOWDOWN_MARGIN
     if distinct < MIN_DISTINCT_CAPS:
-        draw = max(measured) if measured else max(g.default_w for g in gpus)
+        draw = free_draw if free_draw is not None else (max(measured) if measured else default_w)
         draw = min(max(draw, lo), hi)
-        xs, ys = _prior_curve(prior_for_model(gpus[0].model), draw, lo, hi, pts)
+        xs, ys = _prior_curve(PRIOR_SHAPES[shape], draw, lo, hi, pts)
         method = "prior"
+        margin = PRIOR_SLOWDOWN_MARGIN + _shape_gap(shape, draw, lo)
     else:
         gx, gy, method = concave_l1_fit([x for x, _ in pts], [y for _, y in pts])
         xs, ys = list(gx), list(gy)
         if lo < xs[0]:
-            ext_draw = min(max(max(measured) if measured else hi, lo), hi)
-            ex, ey = _extend_below(xs, ys, lo, ext_draw, prior_for_model(gpus[0].model))
+            ext_draw = min(max(free_draw or (max(measured) if measured else hi), lo), hi)
+            ex, ey = _extend_below(xs, ys, lo, ext_draw, PRIOR_SHAPES[shape])
             xs, ys = ex + xs, ey + ys
+        if free_draw is not None and xs[-1] < min(free_draw, hi):
+            ax, ay = _extend_above(xs, ys, min(free_draw, hi), PRIOR_SHAPES[shape])
+            xs, ys = xs + ax, ys + ay
         if xs[-1] < hi:
             xs.append(hi)
             ys.append(ys[-1])
         # flat above the unconstrained draw
         fitted = Curve(*_simplify(xs, ys))
-        draw = max(measured) if measured else fitted.saturation_w
+        if free_draw is not None:
+            draw = free_draw
+        else:
+            draw = max(measured) if measured else fitted.saturation_w
         draw = min(max(draw, lo), hi)
         if draw < fitted.saturation_w:
             top = fitted.value(draw)
@@ -392,6 +605,32 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
             tail_x = [draw, hi] if draw < hi else [draw]
             xs = [x for x, _ in keep] + tail_x
             ys = [y for _, y in keep] + [top] * len(tail_x)
+        sx, sy, shape_sd = _shape_model(pts, draw, lo, hi)
+        # per-x share of the samples: what a free fit's value at one cap rests on
+        per_x = len(pts) / distinct
+        sd = noise if noise is not None else shape_sd
+        free = Curve(*_simplify(*_dedupe([float(x) for x in xs], [float(y) for y in ys])))
+        # a concave curve through every sample leaves nothing to smooth away: keep it
+        interpolates = all(abs(free.value(x) - y) <= 1e-9 * max(1.0, mean_y) for x, y in pts)
+        if (
+            mean_y > 0
+            and not interpolates
+            and shape_sd <= max(SHAPE_NOISE_FACTOR * sd, SHAPE_ABS_TOL * mean_y)
+        ):
+            xs, ys, method = sx, sy, "shape"
+            # the slowdown compares the curve at two caps; both rest on all the samples
+            sd = max(sd, shape_sd)
+            margin = SLOWDOWN_Z * sd / mean_y * math.sqrt(2.0 / len(pts))
+        elif mean_y > 0:
+            # the free fit's own residuals, with the effective degrees of freedom
+            # of a shape-restricted fit (one per breakpoint in the sample range;
+            # Meyer and Woodroofe, 2000): the neighbour-difference noise estimate
+            # would read a sharp bend between coarse caps as noise
+            x_lo, x_hi = min(x for x, _ in pts), max(x for x, _ in pts)
+            dof = len(pts) - sum(x_lo - 1e-9 <= x <= x_hi + 1e-9 for x in free.x_w)
+            ss = sum((free.value(x) - y) ** 2 for x, y in pts)
+            free_sd = math.sqrt(ss / dof) if dof > 0 else 0.0
+            margin = SLOWDOWN_Z * free_sd / mean_y * math.sqrt(2.0 / per_x)
     xs2, ys2 = _dedupe([float(x) for x in xs], [float(y) for y in ys])
     curve = Curve(*_simplify(xs2, ys2))
     if not curve.is_concave(1e-6):
@@ -401,7 +640,6 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
     rmse = None
     if pts:
         err = [curve.value(x) - y for x, y in pts]
-        mean_y = sum(y for _, y in pts) / len(pts)
         rmse = float(math.sqrt(sum(e * e for e in err) / len(err)) / mean_y) if mean_y > 0 else None
     return CurveFit(
         curve=curve,
@@ -410,6 +648,8 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
         n_distinct_caps=distinct,
         rmse_rel=rmse,
         draw_w=float(draw),
+        shape=shape,
+        slowdown_margin=float(margin),
     )
 
 

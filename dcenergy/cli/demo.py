@@ -211,7 +211,7 @@ def run_demo(
         n_gpus = len(fleet.gpus())
         progress(
             f"fleet: {opts.nodes} simulated nodes × {opts.gpus} GPUs, {len(fleet.jobs)} jobs, "
-            f"{n_gpus - busy} idle GPUs; state in {state_dir}"
+            f"{_n(n_gpus - busy, 'idle GPU')}; state in {state_dir}"
         )
 
         def phase(name: str, t0: float) -> None:
@@ -451,7 +451,11 @@ def _report(
         },
         "audit": {**audit, **at_setpoint},
         "windows": {
-            "before": {"start_ns": before.start_ns, "end_ns": before.end_ns, "samples": before.samples},
+            "before": {
+                "start_ns": before.start_ns,
+                "end_ns": before.end_ns,
+                "samples": before.samples,
+            },
             "after": {"start_ns": after.start_ns, "end_ns": after.end_ns, "samples": after.samples},
         },
     }
@@ -488,7 +492,7 @@ def render(report: Mapping[str, Any]) -> str:
     v = report["virtual_s"]
     out = [
         f"dcenergy demo: {f['nodes']} simulated nodes × {f['gpus'] // f['nodes']} "
-        f"{f['model']}, {f['jobs']} jobs, {f['idle_gpus']} idle GPUs",
+        f"{f['model']}, {_n(f['jobs'], 'job')}, {_n(f['idle_gpus'], 'idle GPU')}",
         f"virtual time: probe {v['probe'] / 60:.0f} min, before {v['before'] / 60:.0f} min, "
         f"after {v['after'] / 60:.0f} min (first {v['settle']:.0f} s not measured); "
         f"wall {report['wall_s']['total']:.1f} s",
@@ -550,7 +554,8 @@ def render(report: Mapping[str, Any]) -> str:
         f"Fleet GPU power: {fp['before_w'] / 1000:.2f} kW → {fp['after_w'] / 1000:.2f} kW "
         f"(budget {fp['budget_w'] / 1000:.2f} kW, "
         f"{'every domain within budget' if fp['within_budget'] else 'OVER BUDGET'})",
-        f"Savings: {s['power_w'] / 1000:.2f} kW = {s['it_kwh_per_day']:,.0f} kWh/day of GPU energy, "
+        f"Savings: {s['power_w'] / 1000:.2f} kW = "
+        f"{s['it_kwh_per_day']:,.0f} kWh/day of GPU energy, "
         f"{s['facility_kwh_per_day']:,.0f} kWh/day at the meter (PUE {s['pue']:g}): "
         f"{s['cost_per_day']:,.2f}/day at {s['price_per_kwh']:g}/kWh, "
         f"{s['co2_kg_per_day']:,.1f} kg CO2/day at {s['carbon_g_per_kwh']:g} g/kWh",
@@ -559,5 +564,10 @@ def render(report: Mapping[str, Any]) -> str:
 
 
 def _reasons(r: Mapping[str, int]) -> str:
-    return ", ".join(f"{k}: {n}" for k, n in r.items()) or "none"
+    """Clamp causes; ``max_step`` is the reconciler stepping towards the setpoint, not a limit."""
+    named = {"max_step": "max_step (steps on the way)"}
+    return ", ".join(f"{named.get(k, k)}: {n}" for k, n in r.items()) or "none"
 
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")

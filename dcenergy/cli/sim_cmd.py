@@ -103,8 +103,8 @@ def simulate(
                     f"{job.last_rate:10,.1f} {job.unit}/s"
                 )
             typer.echo(
-                f"done: {len(fleet.hosts)} hosts, {len(fleet.gpus())} GPUs, "
-                f"{len(fleet.jobs)} jobs; {left} points left in the spools"
+                f"done: {len(fleet.hosts)} host(s), {len(fleet.gpus())} GPU(s), "
+                f"{len(fleet.jobs)} job(s); {left} points left in the spools"
             )
     finally:
         store.close()

@@ -291,7 +291,8 @@ def test_notifier_abstract_namespace_and_no_socket() -> None:
     finally:
         server.close()
     quiet = Notifier({})
-    assert not quiet.enabled and not quiet.watchdog()
+    assert not quiet.enabled and not quiet.watchdog() and quiet.watchdog_s is None
+    assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_s == 30.0
     broken = Notifier({"NOTIFY_SOCKET": "/nonexistent/notify.sock"})
     assert not broken.watchdog() and not broken.watchdog()
     assert broken.errors_total == 2
@@ -331,6 +332,7 @@ class _Committed:
     """Reads the child's log in a thread; collects 'spooled N points at T' lines."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._proc = proc
         self.lines: list[str] = []
         self.spooled: list[tuple[int, int]] = []
         self._cv = threading.Condition()
@@ -352,6 +354,8 @@ class _Committed:
 
     def join(self) -> None:
         self._t.join(SAFETY_S)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
 def test_sigterm_exits_0_and_flushes_the_spool(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +83,7 @@ def pts(n: int, start: int = 0) -> list[Point]:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
+def spool(tmp_path: Path) -> Iterator[Spool]:
     s = Spool(tmp_path / "spool.sqlite", max_bytes=10**8)
     yield s
     s.close()
@@ -280,7 +280,10 @@ def test_auth_failure_keeps_data_backs_off_and_says_so(
 
 
 def test_missing_database_keeps_data_with_a_clear_error(spool: Spool) -> None:
-    fake, clock = FakeInflux([status(404, '{"error":"database not found: \\"tele\\""}')]), FakeClock()
+    fake, clock = (
+        FakeInflux([status(404, '{"error":"database not found: \\"tele\\""}')]),
+        FakeClock(),
+    )
     spool.put(pts(5))
     sh = make(spool, fake, clock)
     rep = sh.ship_once()

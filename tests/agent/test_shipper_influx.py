@@ -1,9 +1,10 @@
-"""Spool → Shipper → a real influxd that goes away mid-run and comes back: nothing lost or doubled."""
+"""Spool → Shipper → a real influxd that goes away and comes back: nothing lost or doubled."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,12 @@ def sample(cycle: int) -> list[Point]:
     """One agent cycle: 8 GPUs and the host, at the cycle's own timestamp."""
     t = T0 + cycle * 1_000_000_000
     gpus = [
-        Point("gpu", {"host": "n1", "gpu": str(i)}, {"power_w": 100.0 + i, "energy_j": float(cycle)}, t)
+        Point(
+            "gpu",
+            {"host": "n1", "gpu": str(i)},
+            {"power_w": 100.0 + i, "energy_j": float(cycle)},
+            t,
+        )
         for i in range(8)
     ]
     return [*gpus, Point("host", {"host": "n1"}, {"cpu_pct": 12.5, "mem_used_bytes": cycle}, t)]
@@ -41,8 +47,8 @@ def sample(cycle: int) -> list[Point]:
 
 def count_points(server: InfluxServer) -> tuple[int, int]:
     def one(q: str) -> int:
-        res = server.query(q, db=DB)["results"][0]  # type: ignore[index]
-        series = res.get("series")  # type: ignore[union-attr]
+        res: Any = server.query(q, db=DB)
+        series = res["results"][0].get("series")
         return int(series[0]["values"][0][1]) if series else 0
 
     return one('SELECT count("power_w") FROM "gpu"'), one('SELECT count("cpu_pct") FROM "host"')
@@ -60,7 +66,9 @@ def ship_until_empty(sh: Shipper, clock: FakeClock, tries: int = 10) -> None:
 
 @pytest.mark.influxdb
 @pytest.mark.slow
-def test_database_outage_loses_and_doubles_nothing(own_influxd: InfluxServer, tmp_path: Path) -> None:
+def test_database_outage_loses_and_doubles_nothing(
+    own_influxd: InfluxServer, tmp_path: Path
+) -> None:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool.sqlite", max_bytes=10**8)
     store = InfluxStore(own_influxd.url, DB, create_database=True, timeout_s=2)

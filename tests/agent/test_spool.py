@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def pt(t: int, host: str = "a", v: float = 1.0) -> Point:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
+def spool(tmp_path: Path) -> Iterator[Spool]:
     s = Spool(tmp_path / "state" / "spool.sqlite", max_bytes=10_000_000)
     yield s
     s.close()
@@ -54,9 +55,7 @@ def test_depth_and_size_track_rows_exactly(spool: Spool) -> None:
     spool.put([pt(t) for t in range(100)])
     rows = spool.peek(1000)
     assert spool.depth() == 100
-    assert spool.size_bytes() == sum(
-        row_size(line) for _, line in rows
-    )
+    assert spool.size_bytes() == sum(row_size(line) for _, line in rows)
     spool.ack([rid for rid, _ in rows[:40]])
     assert spool.depth() == 60
     spool.ack([rid for rid, _ in rows])  # acking twice is harmless

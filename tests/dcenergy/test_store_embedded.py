@@ -5,26 +5,27 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dcenergy.errors import StoreError
 from dcenergy.lineprotocol import WriteOutcome, encode_many
-from dcenergy.schema import GPU, Point
+from dcenergy.schema import GPU, FieldValue, Point
 from dcenergy.store import EmbeddedStore, InfluxStore, Store, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> EmbeddedStore:
+def store(tmp_path: Path) -> Iterator[EmbeddedStore]:
     s = EmbeddedStore(tmp_path / "state" / "dcenergy.sqlite")
     yield s
     s.close()
 
 
-def gpu(host: str, idx: int, t: int, power_w: float, **extra: object) -> Point:
+def gpu(host: str, idx: int, t: int, power_w: float, **extra: FieldValue) -> Point:
     return Point("gpu", {"host": host, "gpu": str(idx)}, {"power_w": power_w, **extra}, t)
 
 
@@ -149,7 +150,7 @@ def test_open_store_picks_the_implementation(tmp_path: Path) -> None:
 
 
 def test_every_gpu_field_kind_is_accepted(store: EmbeddedStore) -> None:
-    samples = {float: 1.5, int: 3, bool: True, str: "x"}
+    samples: dict[type, FieldValue] = {float: 1.5, int: 3, bool: True, str: "x"}
     p = Point("gpu", {"host": "a"}, {f.name: samples[f.kind] for f in GPU.fields}, 1)
     store.write([p])
     assert store.read("gpu", start_ns=0) == [p]

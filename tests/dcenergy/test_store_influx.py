@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 
 from dcenergy.errors import StoreError, StoreUnavailable
 from dcenergy.lineprotocol import WriteOutcome, decode, encode
-from dcenergy.schema import AGENT, GPU, HOST, JOB, Measurement, Point
+from dcenergy.schema import AGENT, GPU, HOST, JOB, FieldValue, Measurement, Point
 from dcenergy.store.influx import InfluxStore, partial_dropped, quote_ident, quote_string
 from tests.influx_server import InfluxServer
 
@@ -19,7 +20,7 @@ T0 = 1_700_000_000_000_000_000
 
 # values chosen to catch what JSON and line protocol lose: an integral float (1.0 comes
 # back as JSON 1), an int above 2**53, shortest-repr floats, quotes and backslashes in text
-_SAMPLES: dict[type, list[object]] = {
+_SAMPLES: dict[type, list[FieldValue]] = {
     float: [1.0, 0.1, 123456.789012345, 1e-300, -2.5e17, 0.0],
     int: [2**62 + 1, -7, 0, 1],
     bool: [True, False],
@@ -27,8 +28,10 @@ _SAMPLES: dict[type, list[object]] = {
 }
 
 
-def _all_fields(m: Measurement, seed: int) -> dict[str, object]:
-    return {f.name: _SAMPLES[f.kind][(seed + i) % len(_SAMPLES[f.kind])] for i, f in enumerate(m.fields)}
+def _all_fields(m: Measurement, seed: int) -> dict[str, FieldValue]:
+    return {
+        f.name: _SAMPLES[f.kind][(seed + i) % len(_SAMPLES[f.kind])] for i, f in enumerate(m.fields)
+    }
 
 
 def _assert_same_points(got: list[Point], want: list[Point]) -> None:
@@ -70,7 +73,9 @@ TRICKY_TAGS = [
 
 
 @pytest.mark.influxdb
-def test_tricky_tag_values_read_back_equal_and_filter(influxd: InfluxServer, influx_db: str) -> None:
+def test_tricky_tag_values_read_back_equal_and_filter(
+    influxd: InfluxServer, influx_db: str
+) -> None:
     points = [
         Point("gpu", {"host": v, "model": f"m {i}"}, {"power_w": float(i)}, T0 + i)
         for i, v in enumerate(TRICKY_TAGS)
@@ -99,7 +104,10 @@ def test_tricky_measurement_and_keys(influxd: InfluxServer, influx_db: str) -> N
 @pytest.mark.influxdb
 def test_read_window_is_half_open_and_oldest_first(influxd: InfluxServer, influx_db: str) -> None:
     store = InfluxStore(influxd.url, influx_db)
-    pts = [Point("host", {"host": h}, {"cpu_pct": 1.0}, T0 + t) for t, h in [(5, "b"), (1, "a"), (9, "a")]]
+    pts = [
+        Point("host", {"host": h}, {"cpu_pct": 1.0}, T0 + t)
+        for t, h in [(5, "b"), (1, "a"), (9, "a")]
+    ]
     try:
         store.write(pts)
         got = store.read("host", start_ns=T0 + 1, end_ns=T0 + 9)
@@ -115,7 +123,9 @@ def test_same_series_and_time_overwrites(influxd: InfluxServer, influx_db: str) 
     try:
         store.write([Point("host", {"host": "a"}, {"cpu_pct": 1.0}, T0)])
         store.write([Point("host", {"host": "a"}, {"cpu_pct": 2.0}, T0)])
-        assert store.read("host", start_ns=T0) == [Point("host", {"host": "a"}, {"cpu_pct": 2.0}, T0)]
+        assert store.read("host", start_ns=T0) == [
+            Point("host", {"host": "a"}, {"cpu_pct": 2.0}, T0)
+        ]
     finally:
         store.close()
 
@@ -177,8 +187,10 @@ def test_unreachable_server_is_unavailable() -> None:
 # --- the HTTP contract, with a fake transport ------------------------------------------
 
 
-def _store(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> InfluxStore:
-    return InfluxStore("http://influx.test:8086", "tele", transport=httpx.MockTransport(handler), **kw)  # type: ignore[arg-type]
+def _store(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) -> InfluxStore:
+    return InfluxStore(
+        "http://influx.test:8086", "tele", transport=httpx.MockTransport(handler), **kw
+    )
 
 
 def test_write_is_gzipped_line_protocol_with_token_auth() -> None:
@@ -228,7 +240,9 @@ def test_basic_auth_when_user_and_password() -> None:
         (502, "<html>bad gateway</html>", {}, WriteOutcome.UNAVAILABLE),
     ],
 )
-def test_statuses_map_to_outcomes(status: int, body: str, headers: dict[str, str], outcome: WriteOutcome) -> None:
+def test_statuses_map_to_outcomes(
+    status: int, body: str, headers: dict[str, str], outcome: WriteOutcome
+) -> None:
     store = _store(lambda req: httpx.Response(status, text=body, headers=headers))
     r = store.write_lines(b"m v=1 1")
     assert r.outcome is outcome
@@ -250,7 +264,8 @@ def test_retry_after_as_http_date() -> None:
 
 
 @pytest.mark.parametrize(
-    "exc", [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("eof")]
+    "exc",
+    [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("eof")],
 )
 def test_transport_errors_are_unavailable(exc: Exception) -> None:
     def handler(req: httpx.Request) -> httpx.Response:
@@ -281,6 +296,7 @@ def test_read_quotes_identifiers_and_literals() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         q = req.url.params["q"]
         queries.append(q)
+        series: list[dict[str, Any]]
         if q.startswith("SHOW FIELD KEYS"):
             values = [["v", "float"], ["n", "integer"]]
             series = [{"name": "m", "columns": ["fieldKey", "fieldType"], "values": values}]
@@ -293,7 +309,9 @@ def test_read_quotes_identifiers_and_literals() -> None:
                     "values": [[5, 2, None], [3, 1.5, 7]],
                 }
             ]
-        return httpx.Response(200, text=json.dumps({"results": [{"statement_id": 0, "series": series}]}))
+        return httpx.Response(
+            200, text=json.dumps({"results": [{"statement_id": 0, "series": series}]})
+        )
 
     got = _store(handler).read('we"ird', start_ns=1, end_ns=10, tags={"k": "it's", "b\\s": "x\\y"})
     assert queries[1] == (
@@ -313,8 +331,11 @@ def test_quoting_helpers() -> None:
 
 
 def test_partial_dropped_parsing() -> None:
-    assert partial_dropped('partial write: field type conflict: ... dropped=4') == 4
-    assert partial_dropped("partial write: unable to parse 'a': x\nunable to parse 'b': y dropped=0") == 2
+    assert partial_dropped("partial write: field type conflict: ... dropped=4") == 4
+    assert (
+        partial_dropped("partial write: unable to parse 'a': x\nunable to parse 'b': y dropped=0")
+        == 2
+    )
     assert partial_dropped("partial write: points beyond retention policy") is None
 
 

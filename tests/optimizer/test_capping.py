@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from optimizer.baselines import evaluate_baselines
 from optimizer.capping import evaluate_caps, fast_path_applicable, sm_clock_for_cap, solve_capping
+from optimizer.curves import fit_curves
 from optimizer.problem import Gpu, Problem, parse_problem
 
 
@@ -146,7 +148,7 @@ def test_synchronous_job_gets_one_cap() -> None:
         }
     )
     for method in ("lp", "fast"):
-        r = solve_capping(p, method)  # type: ignore[arg-type]
+        r = solve_capping(p, method)
         caps = r.caps_w
         assert caps["g0"] == pytest.approx(caps["g1"])
         # normalised value per W: sync 1/600 (two GPUs per cap watt), solo 1/300.
@@ -212,7 +214,7 @@ def test_infeasible_budget_names_domain_and_shortfall() -> None:
         }
     )
     for method in ("lp", "fast"):
-        r = solve_capping(p, method)  # type: ignore[arg-type]
+        r = solve_capping(p, method)
         assert not r.feasible and r.status.startswith("best-effort")
         assert [(d.id, d.shortfall_w) for d in r.infeasible_domains] == [("rack-a", 70.0)]
         assert r.caps_w["g0"] == 100 and r.caps_w["g1"] == 100
@@ -340,3 +342,17 @@ def test_fast_path_agrees_with_lp(p: Problem) -> None:
     lp = solve_capping(p, "lp")
     assert not fast.evaluation.budget_violations and not lp.evaluation.budget_violations
     assert fast.objective_value == pytest.approx(lp.objective_value, rel=1e-6, abs=1e-9)
+
+
+def test_energy_floor_is_tightened_by_the_fit_margin() -> None:
+    # a may lose 20 %; a fit that may understate its slowdown by 10 points leaves 10 %:
+    # floor 0.9 * 300 = 270 units -> 270 W (b keeps 240 W, its fit is exact)
+    p = two_gpu_problem("energy", budget=1000, slow_a=0.2, slow_b=0.2)
+    fits = fit_curves(p)
+    assert fits["a"].slowdown_margin == 0.0  # exact samples: no margin of their own
+    fits["a"] = dataclasses.replace(fits["a"], slowdown_margin=0.1)
+    r = solve_capping(p, fits=fits)
+    assert r.feasible and r.caps_w == pytest.approx({"g0": 270, "g1": 240})
+    # a margin past the allowance leaves the job uncapped (floor = uncapped), never negative
+    fits["a"] = dataclasses.replace(fits["a"], slowdown_margin=0.5)
+    assert solve_capping(p, fits=fits).caps_w["g0"] == pytest.approx(300)

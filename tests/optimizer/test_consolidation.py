@@ -533,3 +533,41 @@ def test_prefix_names_the_embedded_section() -> None:
     with pytest.raises(ProblemError) as err:
         parse_consolidation([], "p.json", prefix="consolidation")  # type: ignore[arg-type]
     assert err.value.field == "consolidation"
+
+
+def test_tiny_memory_does_not_fool_the_milp() -> None:
+    # Found by hypothesis: a 6e-8 GB coefficient made HiGHS report a wrong "optimal" whose
+    # dual bound was above a feasible layout. Both jobs fit on n2's free GPU (idle 0 W).
+    nodes = [
+        {**node("n0", gpus=2, mem=24.0, may=False, idle=0.0), "gpu_idle_w": 1.0},
+        {**node("n1", gpus=1, mem=24.0, may=False, idle=0.0), "gpu_idle_w": 1.0},
+        {**node("n2", gpus=1, mem=24.0, may=False, idle=0.0), "gpu_idle_w": 0.0},
+    ]
+    for n in nodes:
+        n["gpu_active_w_per_util"] = 0.0
+    obj = section(
+        nodes,
+        [
+            job("j0", "n0", util=0.0, mem=1.0, shareable=True),
+            job("pin", "n0", util=0.0, mem=0.0, pinned=True),
+            job("j10", "n1", util=0.0, mem=5.960464477539063e-08, shareable=True),
+        ],
+        horizon_h=1.0,
+    )
+    _, r = solve(obj, "milp")
+    assert r.objective_w == pytest.approx(1.0)
+    assert r.lower_bound_w <= r.objective_w + 1e-9
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pinned_shared_job_stays_on_its_gpu_node(method: str) -> None:
+    # Found by hypothesis: merging shared GPUs once moved a pinned shareable job.
+    obj = section(
+        [node("a", gpus=1, may=False), node("b", gpus=2, may=False)],
+        [
+            job("pin", "a", util=0.1, shareable=True, pinned=True),
+            job("other", "b", util=0.1, shareable=True, pinned=True),
+        ],
+    )
+    _, r = solve(obj, method)
+    assert r.moves == ()

@@ -7,7 +7,10 @@ import pytest
 
 from optimizer.curves import (
     PRIOR_COMPUTE_BOUND,
+    PRIOR_MEMORY_BOUND,
+    PRIOR_SLOWDOWN_MARGIN,
     Curve,
+    _noise_sd,
     concave_l1_fit,
     fit_job_curve,
     prior_for_model,
@@ -88,3 +91,102 @@ def test_prior_without_samples_is_relative() -> None:
 def test_prior_table_by_model() -> None:
     assert prior_for_model("NVIDIA A100-SXM4-80GB") is PRIOR_COMPUTE_BOUND
     assert prior_for_model("Mystery GPU") is PRIOR_COMPUTE_BOUND
+
+
+# --- evidence-based shape choice, robust aggregation, slowdown margin -----------
+
+
+def _flat_job(draw: float, low_cap: float, low_y: float) -> Job:
+    return Job(
+        "j",
+        ("g0",),
+        (
+            Sample(throughput=100.0, cap_w=700.0, power_w=draw),
+            Sample(throughput=low_y, cap_w=low_cap, power_w=low_cap - 1.0),
+        ),
+    )
+
+
+def test_unconstrained_samples_share_one_x_at_their_median_draw() -> None:
+    # three samples the cap never held: their power only jitters around the draw
+    samples = (
+        Sample(throughput=100.0, cap_w=700.0, power_w=401.0),
+        Sample(throughput=101.0, cap_w=600.0, power_w=399.0),
+        Sample(throughput=99.0, cap_w=500.0, power_w=412.0),
+        Sample(throughput=90.0, cap_w=300.0, power_w=299.0),
+        Sample(throughput=80.0, cap_w=250.0, power_w=249.0),
+    )
+    fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
+    assert fit.draw_w == 401.0  # the median, not the noisiest maximum
+    assert fit.n_distinct_caps == 3  # 250, 300 and the draw: jitter is not a cap
+    assert fit.curve.value(700.0) == pytest.approx(fit.curve.value(401.0))
+
+
+def test_never_capped_low_draw_job_gets_the_memory_bound_prior() -> None:
+    mem = fit_job_curve(Job("j", ("g0",), (Sample(throughput=100.0, power_w=350.0),)), [H100])
+    assert mem.method == "prior" and mem.shape == "memory"
+    assert mem.curve.value(0.7 * 350.0) / mem.uncapped == pytest.approx(0.99)
+    # nothing measured it below the draw: the floor must hold on the compute-bound reading too
+    gap = 0.99 - 0.90
+    assert mem.slowdown_margin >= gap
+    hot = fit_job_curve(Job("j", ("g0",), (Sample(throughput=100.0, power_w=680.0),)), [H100])
+    assert hot.shape == "compute" and hot.slowdown_margin == pytest.approx(PRIOR_SLOWDOWN_MARGIN)
+
+
+def test_two_caps_choose_the_shape_that_fits() -> None:
+    # at 70 % of the draw the memory-bound shape keeps 99 %, the compute-bound one 90 %
+    assert fit_job_curve(_flat_job(400.0, 280.0, 98.5), [H100]).shape == "memory"
+    assert fit_job_curve(_flat_job(400.0, 280.0, 90.5), [H100]).shape == "compute"
+
+
+def test_job_always_held_by_its_cap_keeps_rising_to_the_default_cap() -> None:
+    samples = tuple(
+        Sample(throughput=y, cap_w=c, power_w=c)
+        for c, y in ((300.0, 60.0), (400.0, 75.0), (500.0, 86.0))
+    )
+    fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
+    assert fit.draw_w == 700.0
+    assert fit.curve.value(700.0) > fit.curve.value(500.0) + 1.0
+    assert fit.curve.is_concave()
+
+
+def _mix_curve(x: float, draw: float = 600.0) -> float:
+    u = min(x, draw) / draw
+    c = float(
+        np.interp(u, [p for p, _ in PRIOR_COMPUTE_BOUND], [r for _, r in PRIOR_COMPUTE_BOUND])
+    )
+    m = float(np.interp(u, [p for p, _ in PRIOR_MEMORY_BOUND], [r for _, r in PRIOR_MEMORY_BOUND]))
+    return 100.0 * (0.5 * c + 0.5 * m)
+
+
+def test_two_shape_model_pools_noisy_samples_and_its_margin_shrinks_with_more() -> None:
+    rng = np.random.default_rng(3)
+    margins = []
+    for reps in (2, 8):
+        caps = np.repeat([250.0, 300.0, 350.0, 400.0, 450.0, 500.0, 550.0, 700.0], reps)
+        samples = tuple(
+            Sample(
+                throughput=_mix_curve(c) * (1 + rng.normal(0, 0.02)),
+                cap_w=float(c),
+                power_w=min(float(c), 600.0) * (1 + rng.normal(0, 0.005)),
+            )
+            for c in caps
+        )
+        fit = fit_job_curve(Job("j", ("g0",), samples), [H100])
+        assert fit.method == "shape" and fit.curve.is_concave()
+        grid = np.linspace(200.0, 700.0, 51)
+        err = np.abs(fit.curve.values(grid) - np.array([_mix_curve(x) for x in grid]))
+        assert err.max() < 2.5
+        margins.append(fit.slowdown_margin)
+    assert 0.0 < margins[1] < margins[0]
+
+
+def test_noise_estimate_is_model_free() -> None:
+    assert _noise_sd([(1.0, 1.0), (2.0, 2.0), (3.0, 4.0 - 1.0), (4.0, 4.0)]) == pytest.approx(0.0)
+    assert _noise_sd([(1.0, 1.0), (1.0, 3.0), (2.0, 5.0), (2.0, 7.0)]) == pytest.approx(2**0.5)
+    assert _noise_sd([(1.0, 1.0), (2.0, 2.0)]) is None
+
+
+def test_exact_data_carries_no_slowdown_margin() -> None:
+    samples = tuple(Sample(throughput=c, cap_w=c) for c in (200.0, 450.0, 700.0))
+    assert fit_job_curve(Job("j", ("g0",), samples), [H100]).slowdown_margin == 0.0
