@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.devices.base import DeviceBackend
 from agent.notify import Notifier
@@ -53,9 +53,11 @@ from dcenergy.lineprotocol import WriteResult
 if TYPE_CHECKING:
     from agent.host import HostCollector
     from agent.jobs import JobResolver
+    from agent.reconciler import Reconciler
     from agent.shipper import Shipper
     from agent.spool import Spool
     from agent.throughput import ThroughputTracker
+    from dcenergy.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,7 @@ class AgentDaemon:
         self._resolver: JobResolver | None = None
         self._tracker: ThroughputTracker | None = None
         self.sampler: Sampler | None = None
+        self.reconciler: Reconciler | None = None
         self.errors_total = 0
         self.last_error = ""
         self._logged: set[str] = set()
@@ -223,6 +226,7 @@ class AgentDaemon:
             return
         self._started = True
         self._open_parts()
+        self._attach_reconciler()
         wd = self.notifier.watchdog_s
         if wd is not None and self.config.agent.interval_s * 2 > wd:
             log.warning(
@@ -265,6 +269,38 @@ class AgentDaemon:
                 )
         self._close_parts()
         log.info("agent stopped")
+
+    # --- the plan reconciler -------------------------------------------------------------
+    def _attach_reconciler(self) -> None:
+        """Apply this host's signed plan parts, when enabled and a public key is installed.
+
+        A node with no key at the default path is a telemetry-only node (logged once);
+        a key path the operator set that does not exist is a configuration error.
+        """
+        from dcenergy.config import ReconcilerConfig
+
+        rc = self.config.reconciler
+        if not rc.enabled:
+            return
+        if not Path(rc.public_key).exists() and rc.public_key == ReconcilerConfig.public_key:
+            log.info(
+                "no plan public key at %s: telemetry only, no setpoints applied", rc.public_key
+            )
+            return
+        from agent.reconciler import reconciler_from_config
+
+        assert self._spool is not None
+        rec = reconciler_from_config(
+            self.config,
+            self.backend.devices(),
+            cast("Store", self.store),  # InfluxStore or EmbeddedStore: both read
+            audit_sink=self._spool.put,  # audit records travel with the telemetry
+            clock_ns=self._clock,
+        )
+        self.reconciler = rec
+        self.add_start_hook(lambda _d: rec.on_start(self._clock()))
+        self.add_stop_hook(lambda _d: rec.restore_all("shutdown"))
+        self.add_job(rec.tick, rc.interval_s, "reconcile")
 
     # --- opening and closing -------------------------------------------------------------
     def _open_parts(self) -> None:
@@ -523,20 +559,6 @@ def open_agent_backend(config: Config) -> DeviceBackend:
 
 def open_agent_store(config: Config) -> StoreSink:
     """The sink: InfluxDB when ``store.influx_url`` is set, else the embedded SQLite store."""
-    from dcenergy.config import store_password, store_token
-    from dcenergy.store import open_store
+    from dcenergy.store.configured import open_configured_store
 
-    s = config.store
-    return open_store(
-        s.influx_url or None,
-        s.database,
-        embedded_path=config.embedded_store_path,
-        # An empty systemd credential (the unit's default) means "no token".
-        token=(store_token(config) or None) if s.influx_url else None,
-        username=s.username or None,
-        password=store_password(config) if s.influx_url else None,
-        ca_file=s.ca_file or None,
-        verify_tls=s.verify_tls,
-        timeout_s=s.timeout_s,
-        create_database=s.create_database,
-    )
+    return open_configured_store(config)

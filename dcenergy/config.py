@@ -356,8 +356,9 @@ def store_token(cfg: Config) -> str | None:
     """The InfluxDB token from ``store.token`` or ``store.token_file``; systemd credentials win."""
     if cred := os.environ.get("CREDENTIALS_DIRECTORY"):
         cred_file = Path(cred) / "influx-token"
-        if cred_file.exists():
-            return cred_file.read_text().strip()
+        # The unit's SetCredential= fallback is an empty credential: fall through then.
+        if cred_file.exists() and (token := cred_file.read_text().strip()):
+            return token
     if cfg.store.token:
         return cfg.store.token
     if cfg.store.token_file:

@@ -74,10 +74,10 @@ bind-address = "127.0.0.1:{self.rpc_port}"
     def start(self, timeout_s: float = 30.0) -> None:
         if self._proc is not None:
             return
-        log = self._log.open("ab")
-        self._proc = subprocess.Popen(
-            [self.binary, "-config", str(self._conf)], stdout=log, stderr=log
-        )
+        with self._log.open("ab") as log:  # the child keeps its own descriptor
+            self._proc = subprocess.Popen(
+                [self.binary, "-config", str(self._conf)], stdout=log, stderr=log
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -35,7 +35,9 @@ def _root(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML config file [default: /etc/dcenergy/dcenergy.toml]"),
+        typer.Option(
+            "--config", "-c", help="TOML config file [default: /etc/dcenergy/dcenergy.toml]"
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,

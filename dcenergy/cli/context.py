@@ -1,4 +1,4 @@
-"""What the root callback hands every command: the config path and debug flag, config loaded once."""
+"""What the root callback hands every command: config path and debug flag; config loaded once."""
 
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ def open_configured_store(cfg: Config) -> InfluxStore | EmbeddedStore:
     s = cfg.store
     if s.embedded:
         cfg.embedded_store_path.parent.mkdir(parents=True, exist_ok=True)
+        return open_store(None, s.database, embedded_path=cfg.embedded_store_path)
     return open_store(
-        s.influx_url or None,
+        s.influx_url,
         s.database,
         embedded_path=cfg.embedded_store_path,
         token=store_token(cfg),

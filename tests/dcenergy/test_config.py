@@ -26,7 +26,9 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
 
 def test_file_then_env_override(tmp_path: Path) -> None:
     p = write(tmp_path, '[agent]\ninterval_s = 2.5\nsimulate = 4\n[store]\ndatabase = "gpu"\n')
-    cfg = load_config(p, env={"DCENERGY_AGENT_INTERVAL_S": "0.5", "DCENERGY_STORE_VERIFY_TLS": "no"})
+    cfg = load_config(
+        p, env={"DCENERGY_AGENT_INTERVAL_S": "0.5", "DCENERGY_STORE_VERIFY_TLS": "no"}
+    )
     assert cfg.agent.interval_s == 0.5
     assert cfg.agent.simulate == 4
     assert cfg.store.database == "gpu"
@@ -116,3 +118,12 @@ def test_cli_config_check_prints_effective_json(
     data = json.loads(capsys.readouterr().out)
     assert data["store"]["influx_url"] == "http://db:8086"
     assert data["store"]["token"] == REDACTED
+
+
+def test_empty_systemd_credential_falls_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "influx-token").write_text("\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = load_config(write(tmp_path, '[store]\ntoken = "from-file"\n'), env={})
+    assert store_token(cfg) == "from-file"
