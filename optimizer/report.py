@@ -133,27 +133,29 @@ def _now_by_domain(problem: Problem) -> dict[str, float]:
     return {k: v for k, v in out.items() if k not in missing}
 
 
-def _consolidation(c: Mapping[str, Any]) -> list[str]:
-    out = ["Consolidation"]
-    for key in (
-        "gpus_freed",
-        "nodes_freed",
-        "savings_w",
-        "kwh_day",
-        "cost_day",
-        "co2_kg_day",
-        "gap",
-    ):
-        if key in c and c[key] is not None:
-            out.append(f"  {key}: {c[key]}")
+def _consolidation(c: Mapping[str, Any], max_moves: int = 50) -> list[str]:
+    freed = c.get("nodes_freed") or []
+    nodes = len(freed) if isinstance(freed, list) else int(freed)
+    gap = c.get("gap")
+    out = [
+        "Consolidation "
+        f"({c.get('method', '?')}, {c.get('status', '?')}, "
+        f"gap {'unbounded' if gap is None else f'{100 * float(gap):.2f} %'})",
+        f"  frees {c.get('gpus_freed', 0)} GPUs and {nodes} nodes: saves "
+        f"{_w(float(c.get('savings_w', 0.0)))} = {float(c.get('kwh_day', 0.0)):.1f} kWh/day, "
+        f"{float(c.get('cost_day', 0.0)):.2f}/day, "
+        f"{float(c.get('co2_kg_day', 0.0)):.1f} kg CO2/day",
+    ]
+    if isinstance(freed, list) and freed:
+        shown = ", ".join(str(n) for n in freed[:10])
+        more = f" (+{len(freed) - 10} more)" if len(freed) > 10 else ""
+        out.append(f"  nodes to power down: {shown}{more}")
     moves = c.get("moves") or []
-    for mv in moves[:50]:
+    for mv in moves[:max_moves]:
         if isinstance(mv, Mapping):
-            out.append("  move " + ", ".join(f"{k}={v}" for k, v in mv.items()))
-        else:
-            out.append(f"  move {mv}")
-    if len(moves) > 50:
-        out.append(f"  ... {len(moves) - 50} more moves")
+            out.append(f"  move {mv.get('job')}: {mv.get('from_node')} -> {mv.get('to_node')}")
+    if len(moves) > max_moves:
+        out.append(f"  ... {len(moves) - max_moves} more moves (see the plan JSON)")
     return out
 
 

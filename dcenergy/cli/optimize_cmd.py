@@ -29,7 +29,13 @@ class Objective(StrEnum):
     cost = "cost"
 
 
-def solve(problem: Problem, method: str, ttl_s: float, raw: dict[str, Any] | None = None) -> Plan:
+def solve(
+    problem: Problem,
+    method: str,
+    ttl_s: float,
+    raw: dict[str, Any] | None = None,
+    source: str = "<problem>",
+) -> Plan:
     """Capping (and consolidation when the problem has that section) → a plan."""
     from optimizer.capping import solve_capping
     from optimizer.plan import make_plan
@@ -38,7 +44,7 @@ def solve(problem: Problem, method: str, ttl_s: float, raw: dict[str, Any] | Non
     if raw is not None and isinstance(raw.get("consolidation"), dict):
         from optimizer.consolidation import parse_consolidation, solve_consolidation
 
-        cp = parse_consolidation(raw["consolidation"], "problem.consolidation")
+        cp = parse_consolidation(raw["consolidation"], source, prefix="consolidation")
         consolidation = solve_consolidation(cp).to_json()
     result = solve_capping(problem, method)  # type: ignore[arg-type]
     return make_plan(problem, result, consolidation=consolidation, ttl_s=ttl_s)
@@ -74,7 +80,7 @@ def optimize(
 
     problem = load_problem(problem_file)
     raw = json.loads(problem_file.read_text())
-    _emit(problem, solve(problem, method.value, ttl, raw), output, as_json)
+    _emit(problem, solve(problem, method.value, ttl, raw, str(problem_file)), output, as_json)
 
 
 def recommend(
