@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from dcenergy.cli import agent_cmd, config_cmd, optimize_cmd, plan_cmd, sim_cmd
+from dcenergy.cli import agent_cmd, config_cmd, optimize_cmd, optimizer_cmd, plan_cmd, sim_cmd
 from dcenergy.cli.context import State
 from dcenergy.errors import DcenergyError
 
@@ -49,6 +49,7 @@ def _root(
 
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(agent_cmd.app, name="agent")
+app.add_typer(optimizer_cmd.app, name="optimizer")
 optimize_cmd.register(app)
 plan_cmd.register(app)
 sim_cmd.register(app)

@@ -166,7 +166,7 @@ def recommend(
             from dcenergy.cli.plan_cmd import publish_plan
             from optimizer.plan import plan_to_json
 
-            publish_plan(cfg, plan_to_json(plan), store=store, dry_run=False)
+            publish_plan(cfg, plan_to_json(plan), store=store, dry_run=False, problem=problem)
     finally:
         store.close()
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from dcenergy.config import Config
     from dcenergy.plan import PlanPart, SignedPart
     from dcenergy.store.base import Store
+    from optimizer.problem import Problem
 
 keys_app = typer.Typer(help="Manage the plan signing keys.", no_args_is_help=True)
 
@@ -119,11 +120,16 @@ def publish_plan(
     dry_run: bool = False,
     source: str = "<plan>",
     now_ns: int | None = None,
+    problem: Problem | None = None,
 ) -> list[SignedPart]:
     """Sign and publish ``plan`` (its JSON dict) to ``store`` or the configured one.
 
     With ``dry_run`` print per host and GPU what would change and write nothing
     (returns ``[]``). A store passed in stays open; one opened here is closed.
+    After the parts, the plan's ``plan``/``plan_domain`` records go to the same
+    store (``optimizer.records``); ``problem``, when the caller has it, gives
+    them domain budgets and the count of capped GPUs (absent without it). A
+    failure to write the records is a warning: the plan itself is published.
     """
     from dcenergy.plan import load_private_key
     from dcenergy.publish import publish, split_plan
@@ -146,6 +152,7 @@ def publish_plan(
     target = store if store is not None else open_configured_store(cfg)
     try:
         signed = publish(plan, target, key, now, source=source)
+        _write_records(target, plan, now, problem)
     finally:
         if store is None:
             target.close()
@@ -156,6 +163,18 @@ def publish_plan(
         f"seq {first.seq}, key {first.key_id}, expires in {(first.expires_ns - now) / 1e9:.0f} s"
     )
     return signed
+
+
+def _write_records(
+    store: Store, plan: dict[str, Any], now_ns: int, problem: Problem | None
+) -> None:
+    """The dashboards' ``plan``/``plan_domain`` points for a published plan; warns on failure."""
+    from optimizer.records import plan_points
+
+    try:
+        store.write(plan_points(plan, now_ns, problem=problem))
+    except StoreError as e:
+        typer.echo(f"warning: plan published, but its records were not written: {e}", err=True)
 
 
 def apply(

@@ -136,7 +136,7 @@ def test_report_mentions_everything(example: Any) -> None:
         "uniform",
         "Consolidation",
         "node-b1",
-        "gpus_freed",
+        "GPUs and",
         "MHz",
     ):
         assert needle in text, needle

@@ -1,0 +1,414 @@
+"""The optimizer service: every ``optimizer.interval_s``, telemetry in, a signed plan out.
+
+One run (:meth:`OptimizerService.run_once`) is the whole central data flow:
+read the last ``optimizer.window_s`` of ``gpu``/``job`` telemetry and the
+topology file (re-read every run, so an edited topology takes effect at the
+next solve) into a problem (``optimizer.snapshot.build_problem``), solve the
+capping LP (``optimizer.capping.solve_capping``), make a plan that lives
+``optimizer.plan_ttl_s`` (``optimizer.plan.make_plan``), sign and write each
+host's part (``dcenergy.publish.publish``), then write the plan's
+``plan``/``plan_domain`` records for the dashboards (``optimizer.records``).
+The optimizer does not import the CLI; ``dcenergy recommend --apply`` is the
+one-shot, by-hand version of the same steps.
+
+Failures keep the last good plan. A run that cannot read the store, finds
+no telemetry, meets a bad topology or a solver error publishes nothing: the
+failure is counted (``failures_total``, ``last_error``), logged once per
+streak of identical failures (not every interval), and the run returns
+``None``. There is nothing to republish: the store still holds the last
+published parts and each agent keeps applying its part until it expires
+(``plan_ttl_s``), then restores its GPUs' defaults, so a dead or blind
+optimizer never leaves the fleet throttled for longer than one lease. A
+failure to write the dashboard records after a successful publish is counted
+too (``records_errors_total``) but the plan stands.
+
+Sequence numbers: agents refuse a part whose ``seq`` is not above the last one
+they accepted, so ``seq`` must rise strictly even across restarts and clock
+steps. It is ``max(now_ns, last_seq + 1)``, and the ``plan_part`` points are
+stamped with it too (agents take the newest part by point time: a part stamped
+by a clock that stepped back would hide behind the previous one). The service
+keeps ``last_seq`` in ``<state_dir>/optimizer-state.json`` and writes the new
+value there (atomically) *before* the parts go out, so a crash between the two
+can only skip a number, never reuse one. A missing state file starts from the
+clock; an unreadable one is logged and the clock is used too. A copy of the
+last plan published is kept as ``<state_dir>/optimizer-last-plan.json`` for
+operators to inspect; the service never reads it back.
+
+Scheduling (:meth:`OptimizerService.run`): the first run happens at once, in
+the calling thread; then APScheduler 3's ``BackgroundScheduler`` runs it every
+``interval_s`` with ``max_instances=1`` and ``coalesce=True`` (a solve that
+overruns the next deadline makes one late run, never a burst). The main
+thread waits for SIGTERM/SIGINT (the handler only sets a flag), ``stop()``,
+or the end of ``duration_s``; shutdown lets a running solve finish, then
+returns 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from dcenergy.config import Config
+from dcenergy.errors import DcenergyError
+from dcenergy.plan import SignedPart
+from dcenergy.publish import publish
+from optimizer.capping import solve_capping
+from optimizer.plan import Plan, make_plan, plan_to_json
+from optimizer.problem import Problem, parse_problem
+from optimizer.records import plan_points
+from optimizer.snapshot import build_problem
+from optimizer.topology import Topology, load_topology
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dcenergy.store.base import Store
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "optimizer-state.json"
+LAST_PLAN_FILE = "optimizer-last-plan.json"
+STATE_VERSION = 1
+SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM/SIGINT
+
+
+@dataclass
+class ServiceStats:
+    """Counters of one service's life (not persisted)."""
+
+    runs_total: int = 0
+    published_total: int = 0
+    failures_total: int = 0
+    consecutive_failures: int = 0
+    records_errors_total: int = 0
+    last_error: str = ""
+
+
+class OptimizerService:
+    """Solves and publishes a plan per run; see the module docstring.
+
+    ``store`` and ``private_key`` belong to the caller (the service never closes
+    the store). ``topology_path`` defaults to ``optimizer.topology``;
+    ``state_dir`` to the configuration's state directory; ``clock`` gives ns
+    since the epoch (plan times and ``seq`` come from it).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        private_key: Ed25519PrivateKey,
+        topology_path: Path | str | None = None,
+        clock: Callable[[], int] = time.time_ns,
+        *,
+        state_dir: Path | None = None,
+        method: str = "auto",
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.private_key = private_key
+        self.topology_path = Path(topology_path or config.optimizer.topology)
+        self.clock = clock
+        self.state_dir = Path(state_dir) if state_dir is not None else config.state_dir
+        self.method = method
+        self.stats = ServiceStats()
+        self.last_plan: Plan | None = None
+        self.last_exception: BaseException | None = None
+        self._logged_error = ""
+        self._stop = threading.Event()
+        self._signalled: int | None = None
+        self._state = self._load_state()
+
+    # --- state ------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @property
+    def last_seq(self) -> int:
+        """The highest ``seq`` this optimizer used, across restarts (0 if none)."""
+        seq = self._state.get("last_seq", 0)
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else 0
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.error(
+                "cannot read the optimizer state %s (%s): seq continues from the clock",
+                self.state_path,
+                e,
+            )
+            return {}
+        if not isinstance(raw, dict):
+            log.error("optimizer state %s is not an object: ignored", self.state_path)
+            return {}
+        return raw
+
+    def _save_state(self, **changes: Any) -> None:
+        state = {**self._state, **changes, "version": STATE_VERSION}
+        _write_atomic(self.state_path, json.dumps(state, sort_keys=True) + "\n")
+        self._state = state
+
+    # --- one run ----------------------------------------------------------------------------
+    def run_once(self, now_ns: int | None = None, *, raise_errors: bool = False) -> Plan | None:
+        """Build, solve, sign, publish and record one plan; ``None`` (counted) on failure.
+
+        Never raises for a failure of the store, the telemetry, the topology or
+        the solver: the last published plan stays in force until it expires.
+        With ``raise_errors`` (``optimizer run --once``) the failure is counted
+        and re-raised instead of logged, for the caller to report.
+        """
+        now = self.clock() if now_ns is None else now_ns
+        self.stats.runs_total += 1
+        stage = "start"
+        try:
+            stage = "topology"
+            topology = self._topology()
+            stage = "snapshot"
+            problem = self._problem(topology, now)
+            stage = "solve"
+            plan = self._solve(problem, now)
+            stage = "publish"
+            signed = self._publish(plan, now)
+        except Exception as e:
+            self._fail(stage, e, now, log_it=not raise_errors)
+            if raise_errors:
+                raise
+            return None
+        self._record(plan, problem, now)
+        self._keep_last(plan)
+        if self.stats.consecutive_failures:
+            log.info("optimizer recovered after %d failed runs", self.stats.consecutive_failures)
+        self.stats.consecutive_failures = 0
+        self.stats.published_total += 1
+        self.last_exception = None
+        self._logged_error = ""
+        self.last_plan = plan
+        log.info(
+            "published plan %s: %d hosts, %d GPUs, seq %d, %s, predicted %.0f W -> %.0f W",
+            plan.plan_id,
+            len(signed),
+            len(plan.setpoints),
+            self.last_seq,
+            plan.solver.status,
+            plan.before.fleet_power_w,
+            plan.after.fleet_power_w,
+        )
+        return plan
+
+    def _topology(self) -> Topology:
+        return load_topology(self.topology_path)
+
+    def _problem(self, topology: Topology, now_ns: int) -> Problem:
+        o = self.config.optimizer
+        doc = build_problem(
+            self.store,
+            topology,
+            now_ns=now_ns,
+            window_s=o.window_s,
+            objective={
+                "kind": o.objective,
+                "price_per_kwh": o.price_per_kwh,
+                "pue": o.pue,
+                "carbon_g_per_kwh": o.carbon_g_per_kwh,
+            },
+            allowed_slowdown=o.allowed_slowdown,
+        )
+        return parse_problem(doc, "<telemetry>")
+
+    def _solve(self, problem: Problem, now_ns: int) -> Plan:
+        result = solve_capping(problem, self.method)  # type: ignore[arg-type]
+        if not result.feasible:
+            # Still published: best effort is the closest the fleet can get to its budgets.
+            log.warning(
+                "plan is best effort: %s (domains short: %s; jobs past their slowdown: %s)",
+                result.status,
+                ", ".join(d.id for d in result.infeasible_domains) or "none",
+                ", ".join(result.slowdown_exceeded) or "none",
+            )
+        return make_plan(problem, result, created_ns=now_ns, ttl_s=self.config.optimizer.plan_ttl_s)
+
+    def _publish(self, plan: Plan, now_ns: int) -> list[SignedPart]:
+        seq = max(now_ns, self.last_seq + 1)
+        # Write-ahead: the seq is on disk before any agent can see it.
+        self._save_state(last_seq=seq)
+        # The parts are stamped ``seq`` (= now_ns unless the clock stepped back): agents
+        # fetch the newest part by point time, so that must rise with seq as well.
+        signed = publish(plan_to_json(plan), self.store, self.private_key, seq, last_seq=seq - 1)
+        self._save_state(
+            last_seq=seq,
+            plan_id=plan.plan_id,
+            created_ns=plan.created_ns,
+            expires_ns=plan.expires_ns,
+        )
+        return signed
+
+    def _record(self, plan: Plan, problem: Problem, now_ns: int) -> None:
+        try:
+            self.store.write(plan_points(plan, now_ns, problem=problem))
+        except Exception as e:
+            self.stats.records_errors_total += 1
+            log.warning("plan %s published, but its records were not written: %s", plan.plan_id, e)
+
+    def _keep_last(self, plan: Plan) -> None:
+        try:
+            text = json.dumps(plan_to_json(plan), indent=2, allow_nan=False) + "\n"
+            _write_atomic(self.state_dir / LAST_PLAN_FILE, text)
+        except (OSError, ValueError) as e:
+            log.warning("cannot keep a copy of plan %s: %s", plan.plan_id, e)
+
+    def _fail(self, stage: str, err: Exception, now_ns: int, *, log_it: bool = True) -> None:
+        self.stats.failures_total += 1
+        self.stats.consecutive_failures += 1
+        self.last_exception = err
+        hint = getattr(err, "hint", None) if isinstance(err, DcenergyError) else None
+        message = f"{stage}: {err}" + (f" (hint: {hint})" if hint else "")
+        self.stats.last_error = message
+        if not log_it:
+            return
+        if message == self._logged_error:
+            log.debug("optimizer run failed again: %s", message)
+            return
+        self._logged_error = message
+        expires = self._state.get("expires_ns")
+        if isinstance(expires, int) and expires > now_ns:
+            keep = (
+                f"agents keep plan {self._state.get('plan_id')} for "
+                f"{(expires - now_ns) / 1e9:.0f} s more"
+            )
+        else:
+            keep = "no plan in force: agents run at their defaults"
+        log.error(
+            "optimizer run failed (%s); nothing published, %s (logged once; counted)",
+            message,
+            keep,
+            exc_info=err if not isinstance(err, DcenergyError | OSError) else None,
+        )
+
+    # --- the schedule -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask ``run()`` to return (from any thread)."""
+        self._stop.set()
+
+    def run(self, duration_s: float | None = None) -> int:
+        """Run now, then every ``optimizer.interval_s`` until SIGTERM/SIGINT/``stop()``/duration.
+
+        Returns 0 on a clean stop; failed runs do not end the service.
+        """
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        o = self.config.optimizer
+        if o.interval_s >= o.plan_ttl_s:
+            log.warning(
+                "optimizer.interval_s (%g s) is not below optimizer.plan_ttl_s (%g s): agents "
+                "will revert to their defaults between two plans",
+                o.interval_s,
+                o.plan_ttl_s,
+            )
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        restore = self._install_signal_handlers()
+        scheduler: Any = None
+        try:
+            self._guarded_run()
+            if self._should_stop(deadline):
+                return 0
+            sched_log = logging.getLogger("apscheduler")
+            if sched_log.level == logging.NOTSET:
+                sched_log.setLevel(logging.WARNING)
+            scheduler = BackgroundScheduler(timezone="UTC")
+            scheduler.add_job(
+                self._guarded_run,
+                IntervalTrigger(seconds=o.interval_s, timezone="UTC"),
+                name="optimize",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, round(o.interval_s)),
+            )
+            scheduler.start()
+            log.info(
+                "optimizer running: every %g s, plans live %g s, topology %s",
+                o.interval_s,
+                o.plan_ttl_s,
+                self.topology_path,
+            )
+            self._wait(deadline)
+        finally:
+            try:
+                if scheduler is not None:
+                    scheduler.shutdown(wait=True)  # a running solve completes
+            finally:
+                restore()
+        log.info("optimizer stopped")
+        return 0
+
+    def _guarded_run(self) -> None:
+        try:
+            self.run_once()
+        except Exception:  # run_once handles its failures; this is a bug, not an outage
+            self.stats.failures_total += 1
+            log.exception("optimizer run crashed")
+
+    def _should_stop(self, deadline: float | None) -> bool:
+        if self._signalled is not None or self._stop.is_set():
+            return True
+        return deadline is not None and time.monotonic() >= deadline
+
+    def _wait(self, deadline: float | None) -> None:
+        """Poll for the signal flag (the handler takes no lock), ``stop()`` or the deadline."""
+        while self._signalled is None:
+            slice_s = SIGNAL_POLL_S
+            if deadline is not None:
+                slice_s = min(slice_s, deadline - time.monotonic())
+                if slice_s <= 0:
+                    return
+            if self._stop.wait(slice_s):
+                return
+        log.info("received %s, shutting down", signal.Signals(self._signalled).name)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._signalled = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (owner-only, fsynced) so a crash leaves old or new."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+__all__ = ["LAST_PLAN_FILE", "STATE_FILE", "OptimizerService", "ServiceStats"]
