@@ -45,10 +45,8 @@ returns 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -60,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
+from dcenergy.files import write_private_atomic
 from dcenergy.plan import SignedPart
 from dcenergy.publish import publish
 from optimizer.capping import solve_capping
@@ -159,7 +158,7 @@ class OptimizerService:
 
     def _save_state(self, **changes: Any) -> None:
         state = {**self._state, **changes, "version": STATE_VERSION}
-        _write_atomic(self.state_path, json.dumps(state, sort_keys=True) + "\n")
+        write_private_atomic(self.state_path, json.dumps(state, sort_keys=True) + "\n")
         self._state = state
 
     # --- one run ----------------------------------------------------------------------------
@@ -266,7 +265,7 @@ class OptimizerService:
     def _keep_last(self, plan: Plan) -> None:
         try:
             text = json.dumps(plan_to_json(plan), indent=2, allow_nan=False) + "\n"
-            _write_atomic(self.state_dir / LAST_PLAN_FILE, text)
+            write_private_atomic(self.state_dir / LAST_PLAN_FILE, text)
         except (OSError, ValueError) as e:
             log.warning("cannot keep a copy of plan %s: %s", plan.plan_id, e)
 
@@ -393,22 +392,6 @@ class OptimizerService:
                 signal.signal(s, h)
 
         return restore
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` (owner-only, fsynced) so a crash leaves old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 __all__ = ["LAST_PLAN_FILE", "STATE_FILE", "OptimizerService", "ServiceStats"]
