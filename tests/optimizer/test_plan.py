@@ -153,3 +153,22 @@ def test_report_flags_infeasible_budgets() -> None:
     assert not plan.solver.feasible
     assert plan.solver.infeasible_domains[0].id == "rack-a"
     assert "rack-a: budget short by" in render_report(p, plan)
+
+
+def test_report_tells_a_real_overrun_from_a_margin_overrun(example: Any) -> None:
+    import dataclasses
+
+    p, plan = example
+    before = dict(plan.before.job_throughput)
+    after = dict(plan.after.job_throughput)
+    # llm-pretrain allows 10 %: 20 % slower is past it, 2 % slower is only inside the margin
+    after["llm-pretrain"] = before["llm-pretrain"] * 0.80
+    after["finetune-7b"] = before["finetune-7b"] * 0.98
+    plan2 = dataclasses.replace(
+        plan,
+        solver=dataclasses.replace(plan.solver, slowdown_exceeded=("llm-pretrain", "finetune-7b")),
+        after=dataclasses.replace(plan.after, job_throughput=after),
+    )
+    text = render_report(p, plan2)
+    assert "past their allowed slowdown: llm-pretrain\n" in text
+    assert "inside the fit's safety margin: finetune-7b" in text
