@@ -49,6 +49,7 @@ from agent.selfstats import ErrorCounter, agent_point
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
 from dcenergy.lineprotocol import WriteResult
+from dcenergy.logonce import LogOnce
 
 if TYPE_CHECKING:
     from agent.host import HostCollector
@@ -130,7 +131,7 @@ class AgentDaemon:
         self.reconciler: Reconciler | None = None
         self.errors_total = 0
         self.last_error = ""
-        self._logged: set[str] = set()
+        self._once = LogOnce(log)
         self._started = False
 
     # --- public API ----------------------------------------------------------------------
@@ -503,15 +504,15 @@ class AgentDaemon:
     def _fail(self, part: str, err: BaseException) -> None:
         self.errors_total += 1
         self.last_error = f"{part}: {err}"
-        if part not in self._logged:
-            self._logged.add(part)
-            unexpected = not isinstance(err, DcenergyError | OSError)
-            log.error(
-                "%s failed: %s (logged once; counted in errors_total)",
-                part,
-                err,
-                exc_info=err if unexpected else None,
-            )
+        unexpected = not isinstance(err, DcenergyError | OSError)
+        self._once(
+            part,
+            logging.ERROR,
+            "%s failed: %s (logged once; counted in errors_total)",
+            part,
+            err,
+            exc_info=err if unexpected else None,
+        )
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """SIGTERM/SIGINT end ``run()``; handlers can only be set on the main thread."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import psutil
 
 from agent.rapl import RaplReader
+from dcenergy.logonce import LogOnce
 from dcenergy.schema import HOST
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class HostCollector:
         self._rapl = rapl
         self._cpu_primed = False
         self._errors_total = 0
-        self._logged: set[str] = set()
+        self._once = LogOnce(log)
 
     @property
     def errors_total(self) -> int:
@@ -84,6 +85,4 @@ class HostCollector:
 
     def _fail(self, call: str, err: OSError) -> None:
         self._errors_total += 1
-        if call not in self._logged:
-            self._logged.add(call)
-            log.warning("psutil.%s failed: %s (logged once)", call, err)
+        self._once(call, logging.WARNING, "psutil.%s failed: %s (logged once)", call, err)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dcenergy.logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 JobKind = Literal["slurm", "kubernetes", "container", "env"]
@@ -102,7 +104,7 @@ class JobResolver:
     def __init__(self, proc_root: Path = Path("/proc")) -> None:
         self.proc_root = proc_root
         self.errors_total = 0
-        self._logged: set[str] = set()
+        self._once = LogOnce(log)
 
     def job_for_pid(self, pid: int) -> JobRef | None:
         """The job ``pid`` belongs to; ``None`` if it has none, vanished, or is unreadable."""
@@ -141,7 +143,5 @@ class JobResolver:
             return None  # vanished between listing and reading, or another user's process
         except OSError as e:
             self.errors_total += 1
-            if name not in self._logged:
-                self._logged.add(name)
-                log.warning("reading %s failed: %s (logged once)", path, e)
+            self._once(name, logging.WARNING, "reading %s failed: %s (logged once)", path, e)
             return None

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from dcenergy.logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 DEFAULT_POWERCAP_ROOT = Path("/sys/class/powercap")
@@ -72,7 +74,7 @@ class RaplReader:
         self.errors_total = 0
         self._zones: list[RaplZone] | None = None
         self._last: _Reading | None = None
-        self._logged: set[tuple[str, str]] = set()
+        self._logged = LogOnce(log)
         self._denied = False
 
     # --- discovery ----------------------------------------------------------
@@ -198,7 +200,4 @@ class RaplReader:
         self._once(what, where, logging.WARNING, "RAPL %s %s failed: %s%s", what, where, err, hint)
 
     def _once(self, what: str, where: str, level: int, msg: str, *args: object) -> None:
-        key = (what, where)
-        if key not in self._logged:
-            self._logged.add(key)
-            log.log(level, msg, *args)
+        self._logged((what, where), level, msg, *args)

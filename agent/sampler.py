@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.devices.base import DeviceBackend, GpuDevice, GpuSample
+from dcenergy.logonce import LogOnce
 from dcenergy.schema import (
     GPU,
     HOST,
@@ -100,7 +101,7 @@ class Sampler:
         # at least one GPU could be read (or there are none), see ``healthy``.
         self.last_gpu_errors = 0
         self.last_gpu_count = 0
-        self._logged: set[str] = set()
+        self._once = LogOnce(log)
 
     @property
     def healthy(self) -> bool:
@@ -211,9 +212,9 @@ class Sampler:
     def _fail(self, part: str, err: BaseException) -> None:
         self.errors_total += 1
         self.last_error = f"{part}: {err}"
-        if part not in self._logged:
-            self._logged.add(part)
-            log.warning("%s failed: %s (logged once; counted in errors_total)", part, err)
+        self._once(
+            part, logging.WARNING, "%s failed: %s (logged once; counted in errors_total)", part, err
+        )
 
 
 def _job_fields(samples: list[GpuSample], rate: RateLike | None) -> dict[str, FieldValue | None]:

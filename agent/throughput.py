@@ -37,6 +37,7 @@ from typing import Literal
 
 import httpx
 
+from dcenergy.logonce import LogOnce
 from dcenergy.report import JOB_ID_PATTERN, report_dir
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class ThroughputTracker:
         self._client = client
         self._own_client = client is None
         self._states: dict[tuple[str, RateSource], _CounterRate] = {}
-        self._logged: set[str] = set()
+        self._logged = LogOnce(log)
         self._bad_files: dict[str, int] = {}  # name → mtime_ns of the version already counted
         self._failing: set[str] = set()  # 'url metric' logged as failing until it recovers
 
@@ -399,9 +400,7 @@ class ThroughputTracker:
 
     def _count_and_log_once(self, key: str, msg: str, *args: object) -> None:
         self.errors_total += 1
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning(msg + " (logged once)", *args)
+        self._logged(key, logging.WARNING, msg + " (logged once)", *args)
 
 
 def _decode_report(job_id: str, data: bytes) -> CounterReading:
