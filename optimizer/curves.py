@@ -28,6 +28,7 @@ from typing import Final
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog, nnls
+from scipy.stats import f as f_dist
 
 from optimizer.problem import Gpu, Job, Problem
 
@@ -80,10 +81,10 @@ POWER_LIMITED_SHARE: Final = 0.97
 # bandwidth, host, network): it gets the memory-bound prior shape.
 MEMORY_BOUND_DRAW_SHARE: Final = 0.7
 # The two-shape model (a non-negative mix of the compute- and memory-bound
-# shapes, see ``fit_job_curve``) replaces the free concave fit when its RMS
-# residual is within this factor of the noise the samples show by themselves,
-# or within SHAPE_ABS_TOL of their mean throughput.
-SHAPE_NOISE_FACTOR: Final = 1.5
+# shapes, see ``fit_job_curve``) replaces the free concave fit unless an F test
+# at this level finds its residuals larger than the noise the samples show by
+# themselves; a residual within SHAPE_ABS_TOL of the mean throughput always passes.
+SHAPE_TEST_LEVEL: Final = 0.95
 SHAPE_ABS_TOL: Final = 0.01
 # Slowdown margin: z of a one-sided 95 % bound, and the margin of a curve that
 # rests on a prior shape alone (the spread of published curves near the top).
@@ -477,13 +478,13 @@ def _shape_gap(shape: str, draw_w: float, lo: float) -> float:
     return float(max(0.0, *(fs(x) - fc(x) for x in grid)))
 
 
-def _noise_sd(pts: Sequence[tuple[float, float]]) -> float | None:
+def _noise_sd(pts: Sequence[tuple[float, float]]) -> tuple[float, int] | None:
     """The samples' own noise (SD, absolute), with no model of the curve.
 
     Replicates at one x give pure error; across distinct x, the difference
     estimator of Gasser, Sroka and Jennen-Steinmetz (1986) compares each
     point with the line through its neighbours, which a smooth curve makes
-    nearly exact. None with no degrees of freedom.
+    nearly exact. Returns the SD and its degrees of freedom; None with none.
     """
     by_x: dict[float, list[float]] = {}
     for x, y in pts:
@@ -503,18 +504,29 @@ def _noise_sd(pts: Sequence[tuple[float, float]]) -> float | None:
         c2 = a * a / counts[i - 1] + b * b / counts[i + 1] + 1.0 / counts[i]
         ss += e * e / c2
         dof += 1
-    return math.sqrt(ss / dof) if dof else None
+    return (math.sqrt(ss / dof), dof) if dof else None
+
+
+@dataclass(frozen=True)
+class _ShapeFit:
+    """The two-shape model's least-squares fit (see ``_shape_model``)."""
+
+    grid: list[float]
+    values: list[float]
+    sd: float  # residual SD, two degrees of freedom taken off
+    dof: int
+    coef: tuple[float, float]  # (compute, memory) weights, >= 0
+    gram: np.ndarray  # AᵀA of the design: the weights' covariance is sd² × its inverse
 
 
 def _shape_model(
     pts: Sequence[tuple[float, float]], draw_w: float, lo: float, hi: float
-) -> tuple[list[float], list[float], float]:
+) -> _ShapeFit:
     """Least squares over ``a * compute(x) + b * memory(x)``, ``a, b >= 0``.
 
     Two parameters pool every sample (where a free concave fit lets each
     sample set its own stretch of curve); a non-negative mix of two concave
-    non-decreasing shapes is one too. Returns breakpoints on [lo, hi] and the
-    residual SD with the two parameters' degrees of freedom taken off.
+    non-decreasing shapes is one too. Breakpoints on [lo, hi].
     """
     fc = _shape_fn(PRIOR_COMPUTE_BOUND, draw_w)
     fm = _shape_fn(PRIOR_MEMORY_BOUND, draw_w)
@@ -526,7 +538,106 @@ def _shape_model(
     sd = math.sqrt(float(res @ res) / dof)
     knots = {lo, hi, *(p * draw_w for shape in PRIOR_SHAPES.values() for p, _ in shape)}
     grid = sorted(x for x in knots if lo <= x <= hi)
-    return grid, [float(coef[0] * fc(x) + coef[1] * fm(x)) for x in grid], sd
+    return _ShapeFit(
+        grid,
+        [float(coef[0] * fc(x) + coef[1] * fm(x)) for x in grid],
+        sd,
+        dof,
+        (float(coef[0]), float(coef[1])),
+        a_mat.T @ a_mat,
+    )
+
+
+def _shape_explains(fit: _ShapeFit, noise: tuple[float, int] | None, mean_y: float) -> bool:
+    """Whether the two-shape model explains the samples as well as their noise allows.
+
+    An F test at ``SHAPE_TEST_LEVEL``: the model's residual variance against
+    the model-free noise estimate, each with its own degrees of freedom. With
+    the 4-8 samples a job usually has, both variances are rough, so a fixed
+    ratio would throw out a right model far more often than 5 % of the time.
+    A residual within ``SHAPE_ABS_TOL`` of the mean always passes.
+    """
+    if fit.sd <= SHAPE_ABS_TOL * mean_y:
+        return True
+    if noise is None or noise[0] <= 0.0:
+        return False
+    return bool((fit.sd / noise[0]) ** 2 <= f_dist.ppf(SHAPE_TEST_LEVEL, fit.dof, noise[1]))
+
+
+def _draw_se(job: Job) -> float:
+    """Standard error (W) of the unconstrained draw: the spread of the power
+    readings the cap did not hold, over their square root; with fewer than two
+    of them, the relative jitter of the readings the cap did hold (same sensor)."""
+    free: list[float] = []
+    held: list[float] = []
+    for s in job.samples:
+        if s.power_w is None:
+            continue
+        if s.cap_w is not None and s.power_w >= POWER_LIMITED_SHARE * s.cap_w:
+            held.append(s.power_w / s.cap_w)
+        else:
+            free.append(s.power_w)
+    if len(free) >= 2:
+        return float(np.std(free, ddof=1) / math.sqrt(len(free)))
+    if free and len(held) >= 2:
+        return float(free[0] * np.std(held, ddof=1))
+    return 0.0
+
+
+def _shape_slowdown(x: np.ndarray, w: float, draw_w: float) -> np.ndarray:
+    """Slowdown at caps ``x`` of the mix with memory-bound share ``w``.
+
+    Both shapes are 1 at the draw, so the curve's level cancels out of the
+    slowdown and ``1 - ((1 - w) compute(x) + w memory(x))`` is all that is left:
+    linear in ``w``, and falling with it (the memory-bound shape is never below
+    the compute-bound one).
+    """
+    fc = np.vectorize(_shape_fn(PRIOR_COMPUTE_BOUND, draw_w))(x)
+    fm = np.vectorize(_shape_fn(PRIOR_MEMORY_BOUND, draw_w))(x)
+    return np.asarray(1.0 - ((1.0 - w) * fc + w * fm), dtype=float)
+
+
+def _shape_margin(
+    fit: _ShapeFit, sd: float, draw_w: float, draw_se: float, allowed: float
+) -> float:
+    """The slowdown margin of a two-shape fit, taken where the job's floor binds.
+
+    What is uncertain in the slowdown is the memory-bound share ``w = b / (a
+    + b)`` and the draw the shapes are scaled to. ``w``'s SD follows by the
+    delta method from the weights' covariance (``sd² (AᵀA)⁻¹``); since the
+    slowdown falls with ``w``, its one-sided bound at every cap at once is the
+    slowdown at ``w - SLOWDOWN_Z × SD`` (not below 0: the compute-bound shape
+    is the steepest the model admits, and the fit passed its goodness-of-fit
+    test). The draw's standard error adds in quadrature. The margin is taken
+    at the lowest cap from which the bound stays within ``allowed``: the cap
+    the capping model's tightened floor then allows, so the floor holds on
+    the true curve with about 95 % confidence in every objective.
+    """
+    a, b = fit.coef
+    if a + b <= 0.0 or allowed <= 0.0:
+        return 0.0
+    try:
+        cov = sd * sd * np.linalg.inv(fit.gram)
+    except np.linalg.LinAlgError:
+        # the samples cannot tell the shapes apart: no mix is supported by them
+        return allowed
+    w = b / (a + b)
+    grad = np.array([-b, a]) / (a + b) ** 2  # d w / d (a, b)
+    w_lo = max(0.0, w - SLOWDOWN_Z * math.sqrt(max(0.0, float(grad @ cov @ grad))))
+    x = np.linspace(0.2 * draw_w, draw_w, 161)
+    s_hat = _shape_slowdown(x, w, draw_w)
+    dev = _shape_slowdown(x, w_lo, draw_w) - s_hat
+    if draw_se > 0.0:
+        h = 1e-3 * draw_w
+        ds = (_shape_slowdown(x, w, draw_w + h) - _shape_slowdown(x, w, draw_w - h)) / (2 * h)
+        dev = np.sqrt(dev**2 + (SLOWDOWN_Z * ds * draw_se) ** 2)
+    upper = s_hat + dev
+    # the floor allows every cap above the lowest one it allows: the bound must hold on all
+    bad = np.flatnonzero(upper > allowed + _EPS)
+    first = int(bad[-1]) + 1 if len(bad) else 0
+    if first >= len(x):  # pragma: no cover - at the draw the slowdown and its SD are 0
+        return allowed
+    return float(min(allowed, max(0.0, allowed - s_hat[first])))
 
 
 def _extend_above(
@@ -555,7 +666,7 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
     * Fewer than ``MIN_DISTINCT_CAPS`` distinct x: the prior shape the
       evidence picks (``_choose_shape``), scaled to the samples.
     * Otherwise the two-shape model where it explains the samples as well as
-      their noise allows (``SHAPE_NOISE_FACTOR``), else the free concave L1
+      their noise allows (an F test, ``_shape_explains``), else the free concave L1
       fit, continued below the lowest sample with the chosen prior shape.
     """
     lo = min(g.min_w for g in gpus)
@@ -605,22 +716,19 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
             tail_x = [draw, hi] if draw < hi else [draw]
             xs = [x for x, _ in keep] + tail_x
             ys = [y for _, y in keep] + [top] * len(tail_x)
-        sx, sy, shape_sd = _shape_model(pts, draw, lo, hi)
+        shape_fit = _shape_model(pts, draw, lo, hi)
+        sx, sy, shape_sd = shape_fit.grid, shape_fit.values, shape_fit.sd
         # per-x share of the samples: what a free fit's value at one cap rests on
         per_x = len(pts) / distinct
-        sd = noise if noise is not None else shape_sd
+        sd = noise[0] if noise is not None else shape_sd
         free = Curve(*_simplify(*_dedupe([float(x) for x in xs], [float(y) for y in ys])))
         # a concave curve through every sample leaves nothing to smooth away: keep it
         interpolates = all(abs(free.value(x) - y) <= 1e-9 * max(1.0, mean_y) for x, y in pts)
-        if (
-            mean_y > 0
-            and not interpolates
-            and shape_sd <= max(SHAPE_NOISE_FACTOR * sd, SHAPE_ABS_TOL * mean_y)
-        ):
+        if mean_y > 0 and not interpolates and _shape_explains(shape_fit, noise, mean_y):
             xs, ys, method = sx, sy, "shape"
-            # the slowdown compares the curve at two caps; both rest on all the samples
-            sd = max(sd, shape_sd)
-            margin = SLOWDOWN_Z * sd / mean_y * math.sqrt(2.0 / len(pts))
+            margin = _shape_margin(
+                shape_fit, max(sd, shape_sd), draw, _draw_se(job), job.allowed_slowdown
+            )
         elif mean_y > 0:
             # the free fit's own residuals, with the effective degrees of freedom
             # of a shape-restricted fit (one per breakpoint in the sample range;
@@ -677,6 +785,7 @@ def fit_curves(problem: Problem) -> dict[str, CurveFit]:
         gs = [problem.gpu(g) for g in job.gpus]
         key = (
             job.samples,
+            job.allowed_slowdown,  # the slowdown margin is taken where the floor binds
             min(g.min_w for g in gs),
             max(g.max_w for g in gs),
             max(g.default_w for g in gs),
