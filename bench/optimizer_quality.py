@@ -54,6 +54,10 @@ MAX_W, MIN_W, IDLE_W = 700.0, 200.0, 70.0
 # true shapes: (cap as a share of the job's draw, share of uncapped throughput)
 COMPUTE = ((0.28, 0.38), (0.45, 0.64), (0.6, 0.81), (0.75, 0.93), (0.9, 0.99), (1.0, 1.0))
 MEMORY = ((0.44, 0.70), (0.55, 0.86), (0.7, 0.97), (0.85, 1.0), (1.0, 1.0))
+# jobs that never reach their cap: held back by data loading, the host or the
+# network, drawing 150-280 W of an H100's 700 W; a share of all jobs
+HOST_SHARE = 0.2
+HOST_DRAW_W = (150.0, 280.0)
 
 
 def true_curve(shape: tuple[tuple[float, float], ...], draw: float, scale: float) -> Curve:
@@ -75,7 +79,12 @@ def true_curve(shape: tuple[tuple[float, float], ...], draw: float, scale: float
 
 
 def fleet(
-    n_nodes: int, seed: int, kind: str, slowdown: float, budget_share: float
+    n_nodes: int,
+    seed: int,
+    kind: str,
+    slowdown: float,
+    budget_share: float,
+    host_share: float = HOST_SHARE,
 ) -> tuple[Problem, dict[str, CurveFit]]:
     rng = np.random.default_rng(seed)
     gpus: list[Gpu] = []
@@ -94,9 +103,15 @@ def fleet(
             size = int(min(8 - i, rng.choice([1, 2, 4, 8])))
             members = tuple(ids[i : i + size])
             i += size
-            mem_bound = rng.random() < 0.4
-            shape = MEMORY if mem_bound else COMPUTE
-            draw = float(rng.uniform(300, 450) if mem_bound else rng.uniform(640, 700))
+            # one draw picks the class, so host_share=0 replays the two-class fleet exactly
+            u = float(rng.random())
+            host_bound = u < host_share
+            mem_bound = not host_bound and (u - host_share) / (1 - host_share) < 0.4
+            shape = MEMORY if mem_bound or host_bound else COMPUTE
+            if host_bound:
+                draw = float(rng.uniform(*HOST_DRAW_W))
+            else:
+                draw = float(rng.uniform(300, 450) if mem_bound else rng.uniform(640, 700))
             scale = float(rng.uniform(50, 150)) * size
             curve = true_curve(shape, draw, scale)
             jid = f"job{len(jobs)}"

@@ -76,6 +76,9 @@ MIN_DISTINCT_CAPS: Final = 3
 # A sample whose measured power is at least this share of its cap was held by
 # the cap; below it, the GPU drew what it wanted and the cap did not matter.
 POWER_LIMITED_SHARE: Final = 0.97
+# Unheld readings of one job jitter around its draw; one below this share of
+# the job's highest reading was a held sample whose reading dipped.
+DRAW_SPREAD_SHARE: Final = 0.9
 # A job never held by a cap whose unconstrained draw is at most this share of
 # its GPUs' default cap is limited by something other than SM clocks (memory
 # bandwidth, host, network): it gets the memory-bound prior shape.
@@ -390,6 +393,24 @@ def _extend_below(
     return grid, out_y
 
 
+def _unheld(job: Job) -> list[bool]:
+    """Per sample, whether it saw the job's unconstrained draw (no cap held it).
+
+    A reading below ``POWER_LIMITED_SHARE`` of its cap was not held by it, so
+    it is the draw, unless another sample drew more than the readings'
+    jitter explains (below ``DRAW_SPREAD_SHARE`` of the highest: no cap makes
+    a job draw more than it wants): then it was a held sample whose reading
+    dipped, and taking it as the draw would end the curve there.
+    """
+    top = max((s.power_w for s in job.samples if s.power_w is not None), default=0.0)
+    return [
+        s.power_w is not None
+        and (s.cap_w is None or s.power_w < POWER_LIMITED_SHARE * s.cap_w)
+        and (s.cap_w is None or s.power_w >= DRAW_SPREAD_SHARE * top)
+        for s in job.samples
+    ]
+
+
 def _aggregate_points(job: Job) -> tuple[list[tuple[float, float]], float | None]:
     """Fitting points and the measured unconstrained draw (None if never seen).
 
@@ -398,27 +419,19 @@ def _aggregate_points(job: Job) -> tuple[list[tuple[float, float]], float | None
     median of their power (which is also the draw), so that jitter does not
     pose as distinct caps. Samples held by a cap keep the cap as x.
     """
-    free_w: list[float] = []
-    pts: list[tuple[float, float] | None] = []
-    for s in job.samples:
-        held = s.cap_w is not None and (
-            s.power_w is None or s.power_w >= POWER_LIMITED_SHARE * s.cap_w
-        )
-        if held:
-            assert s.cap_w is not None
-            pts.append((s.cap_w, s.throughput))
-        else:
-            assert s.power_w is not None
-            free_w.append(s.power_w)
-            pts.append(None)
+    unheld = _unheld(job)
+    free_w = [
+        s.power_w for s, u in zip(job.samples, unheld, strict=True) if u and s.power_w is not None
+    ]
     draw = float(np.median(free_w)) if free_w else None
     out: list[tuple[float, float]] = []
-    for s, p in zip(job.samples, pts, strict=True):
-        if p is None:
+    for s, u in zip(job.samples, unheld, strict=True):
+        if u:
             assert draw is not None
             out.append((draw, s.throughput))
         else:
-            out.append(p)
+            assert s.cap_w is not None
+            out.append((s.cap_w, s.throughput))
     return out, draw
 
 
@@ -481,10 +494,12 @@ def _shape_gap(shape: str, draw_w: float, lo: float) -> float:
 def _noise_sd(pts: Sequence[tuple[float, float]]) -> tuple[float, int] | None:
     """The samples' own noise (SD, absolute), with no model of the curve.
 
-    Replicates at one x give pure error; across distinct x, the difference
-    estimator of Gasser, Sroka and Jennen-Steinmetz (1986) compares each
-    point with the line through its neighbours, which a smooth curve makes
-    nearly exact. Returns the SD and its degrees of freedom; None with none.
+    Replicates at one x give pure error, unbiased whatever the curve; where
+    they are too few, the difference estimator of Gasser, Sroka and
+    Jennen-Steinmetz (1986) adds one degree of freedom per inner x, comparing
+    each point with the line through its neighbours (which a smooth curve
+    makes nearly exact; a sharp bend reads as noise). Returns the SD and its
+    degrees of freedom; None with none.
     """
     by_x: dict[float, list[float]] = {}
     for x, y in pts:
@@ -495,6 +510,10 @@ def _noise_sd(pts: Sequence[tuple[float, float]]) -> tuple[float, int] | None:
         v = np.asarray(by_x[x])
         ss += float(np.sum((v - v.mean()) ** 2))
         dof += len(v) - 1
+    if dof >= max(2, len(xs) - 2):
+        # pure error alone: the neighbour differences would add as many degrees
+        # of freedom or fewer, and a bend of the curve inflates them
+        return math.sqrt(ss / dof), dof
     means = [float(np.mean(by_x[x])) for x in xs]
     counts = [len(by_x[x]) for x in xs]
     for i in range(1, len(xs) - 1):
@@ -570,13 +589,12 @@ def _draw_se(job: Job) -> float:
     of them, the relative jitter of the readings the cap did hold (same sensor)."""
     free: list[float] = []
     held: list[float] = []
-    for s in job.samples:
-        if s.power_w is None:
-            continue
-        if s.cap_w is not None and s.power_w >= POWER_LIMITED_SHARE * s.cap_w:
-            held.append(s.power_w / s.cap_w)
-        else:
+    for s, unheld in zip(job.samples, _unheld(job), strict=True):
+        if unheld:
+            assert s.power_w is not None
             free.append(s.power_w)
+        elif s.power_w is not None and s.cap_w is not None:
+            held.append(s.power_w / s.cap_w)
     if len(free) >= 2:
         return float(np.std(free, ddof=1) / math.sqrt(len(free)))
     if free and len(held) >= 2:
@@ -737,7 +755,13 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
             x_lo, x_hi = min(x for x, _ in pts), max(x for x, _ in pts)
             dof = len(pts) - sum(x_lo - 1e-9 <= x <= x_hi + 1e-9 for x in free.x_w)
             ss = sum((free.value(x) - y) ** 2 for x, y in pts)
-            free_sd = math.sqrt(ss / dof) if dof > 0 else 0.0
+            # a fit through every sample has no residuals to judge it by: the
+            # model-free noise estimate stands in (noisy samples that happen to
+            # lie on a concave curve are still noisy; exact replicates show none)
+            if interpolates or dof <= 0:
+                free_sd = noise[0] if noise else 0.0
+            else:
+                free_sd = math.sqrt(ss / dof)
             margin = SLOWDOWN_Z * free_sd / mean_y * math.sqrt(2.0 / per_x)
     xs2, ys2 = _dedupe([float(x) for x in xs], [float(y) for y in ys])
     curve = Curve(*_simplify(xs2, ys2))

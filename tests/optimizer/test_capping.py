@@ -309,8 +309,12 @@ def laminar_problems(draw: st.DrawFn) -> Problem:
                         "synchronous": sync,
                         "weight": draw(st.sampled_from([0.5, 1.0, 3.0])),
                         "allowed_slowdown": 0.99,
+                        # each point twice: exact replicates show the data carry no
+                        # noise, so the fits carry no slowdown margin to bind a floor
                         "samples": [
-                            {"cap_w": c, "throughput": y} for c, y in zip(caps, ys, strict=True)
+                            {"cap_w": c, "throughput": y}
+                            for c, y in zip(caps, ys, strict=True)
+                            for _ in range(2)
                         ],
                     }
                 )

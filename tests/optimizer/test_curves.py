@@ -275,3 +275,35 @@ def test_memory_bound_prior_never_reads_below_the_compute_bound_one() -> None:
 
     fc, fm = _shape_fn(PRIOR_COMPUTE_BOUND, 600.0), _shape_fn(PRIOR_MEMORY_BOUND, 600.0)
     assert all(fm(x) >= fc(x) for x in np.linspace(0.0, 700.0, 141))
+
+
+def test_a_held_reading_that_dips_below_its_cap_is_not_taken_for_the_draw() -> None:
+    # 288 W under a 300 W cap looks unheld, but the same job drew 604 W under 600 W
+    samples = (
+        Sample(throughput=78.6, cap_w=250.0, power_w=250.8),
+        Sample(throughput=84.8, cap_w=300.0, power_w=288.3),
+        Sample(throughput=108.1, cap_w=350.0, power_w=349.7),
+        Sample(throughput=111.7, cap_w=400.0, power_w=403.9),
+        Sample(throughput=136.9, cap_w=600.0, power_w=604.6),
+    )
+    fit = fit_job_curve(Job("j", ("g0",), samples, allowed_slowdown=0.05), [H100])
+    assert fit.draw_w >= 600.0  # read as 288 W, the curve ended there: "free" to cap at 288
+    assert fit.curve.value(400.0) < 0.9 * fit.uncapped
+
+
+def test_noisy_samples_that_happen_to_be_concave_still_carry_a_margin() -> None:
+    # one sample per cap, each off the true curve by noise, yet their medians are concave
+    noisy = tuple(
+        Sample(throughput=y, cap_w=c, power_w=p)
+        for c, y, p in (
+            (300.0, 264.4, 303.9),
+            (450.0, 377.2, 448.0),
+            (500.0, 401.0, 495.3),
+            (700.0, 405.2, 668.4),
+        )
+    )
+    fit = fit_job_curve(Job("j", ("g0",), noisy, allowed_slowdown=0.05), [H100])
+    assert fit.method == "exact" and fit.slowdown_margin > 0.02
+    # the same points as exact replicates show no noise: no margin
+    exact = tuple(s for s in noisy for _ in range(2))
+    assert fit_job_curve(Job("j", ("g0",), exact), [H100]).slowdown_margin == 0.0
