@@ -1,15 +1,16 @@
 """Plan quality when the fitted curves are not the true ones.
 
-A synthetic fleet whose jobs follow true curves (compute-bound, memory-bound)
-while the optimizer sees only noisy samples, and some jobs were never capped
-(one uncapped sample: the prior must do). Everything is scored on the TRUE
-curves.
+A synthetic fleet whose jobs follow true curves (compute-bound, memory-bound,
+never reaching their cap) while the optimizer sees only noisy samples, and
+some jobs were never observed under a cap (the prior must do). Everything is
+scored on the TRUE curves.
 
 * budget mode, facility budget = 70 % of the uncapped draw: throughput of the
   plan vs uniform capping (target >= 1.10x) and vs the oracle LP that knows the
   true curves (target >= 0.99x), and budget violations (target 0);
-* energy mode, 5 % allowed slowdown: GPU power saved vs no capping (target >= 20 %),
-  and the true slowdown of the worst job.
+* energy mode, 5 % allowed slowdown: GPU power saved vs no capping (target >= 20 %;
+  energy over a fixed window, and per unit of work), and the true slowdown of
+  the worst job.
 
 Fit error is reported per job twice: RMSE / mean over the samples (what the
 fit sees) and the mean |fitted - true| over the cap range, relative to uncapped
@@ -21,15 +22,17 @@ the margins scaled down (x0 = no margin, x0.6 ~ z = 1) and with the true curves
 (the oracle), so the trade-off between energy saved and jobs past their
 allowance is visible rather than one point of it.
 
-About the fleet: two job classes (60 % compute-bound training near TDP, 40 %
-memory-bound inference at 43-64 % of TDP), 1-8 GPUs per job, 20 % never
-capped, 3 % throughput noise. The true shapes deliberately differ from the
+About the fleet: the issue's three classes of job. 20 % never reach their cap
+(held back by data loading, the host or the network: 150-280 W of an H100's
+700 W); of the rest, 60 % compute-bound training near TDP and 40 %
+memory-bound inference at 43-64 % of TDP. 1-8 GPUs per job, 20 % never
+observed under a cap (one uncapped sample: the prior must do), 3 % throughput
+noise, 1 % power-reading noise. The true shapes deliberately differ from the
 optimizer's priors (the memory-bound truth is steeper below 70 % of its draw).
-With a facility budget at 70 % of the uncapped draw, uniform shares (~390 W)
-already sit near the memory-bound jobs' draw, so the oracle gains only ~1.09x
-over uniform: the 1.10x target is above this fleet's ceiling, printed below.
-The fleet was left as it is (changing it to clear the target would be tuning
-the benchmark).
+The budget lines are printed for the same fleet without the jobs that never
+reach their cap too: there uniform shares (~390 W) already sit near the
+memory-bound jobs' draw and the oracle itself gains only ~1.09x, so the
+1.10x target depends on such jobs being in the fleet, as they are in real ones.
 
 Run: ``python bench/optimizer_quality.py [--nodes 200] [--seed 1]``.
 """
@@ -163,9 +166,10 @@ def main() -> None:
     fits = fit_curves(p)
     rmse = [f.rmse_rel for f in fits.values() if f.rmse_rel is not None and f.method != "prior"]
     priors = sum(f.method == "prior" for f in fits.values())
+    hosts = sum(t.draw_w <= HOST_DRAW_W[1] for t in truth.values())
     print(
-        f"fleet: {len(p.gpus)} GPUs, {len(p.jobs)} jobs ({priors} on the prior), "
-        f"fit RMSE/mean median {np.median(rmse):.3f}"
+        f"fleet: {len(p.gpus)} GPUs, {len(p.jobs)} jobs ({hosts} never reach their cap, "
+        f"{priors} on the prior), fit RMSE/mean median {np.median(rmse):.3f}"
     )
     grid = np.linspace(MIN_W, MAX_W, 101)
     by_method: dict[str, list[float]] = {}
@@ -179,18 +183,37 @@ def main() -> None:
             f"    {method:6s} {len(errs):4d} jobs: median {np.median(errs) * 100:.2f} %, "
             f"p90 {np.percentile(errs, 90) * 100:.2f} %, worst {max(errs) * 100:.2f} %"
         )
+    print("budget mode, facility budget = 70 % of uncapped draw (scored on true curves)")
+    _budget_lines(p, truth, fits)
+    p0, truth0 = fleet(args.nodes, args.seed, "budget", 0.99, 0.7, host_share=0.0)
+    print("  same, on a fleet without jobs that never reach their cap:")
+    _budget_lines(p0, truth0, fit_curves(p0))
+
+    p2, truth2 = fleet(args.nodes, args.seed, "energy", 0.05, 10.0)
+    fits2 = fit_curves(p2)
+    before = evaluate_caps(p2, {}, truth2)
+    print("energy mode, 5 % allowed slowdown (scored on true curves)")
+    print(f"  GPU power uncapped {before.fleet_power_w / 1000:.1f} kW")
+    for label, scale in (("no margin", 0.0), ("margin x0.6", 0.6), ("margin (default)", 1.0)):
+        f2 = {
+            k: dataclasses.replace(f, slowdown_margin=f.slowdown_margin * scale)
+            for k, f in fits2.items()
+        }
+        _energy_line(label, p2, before, solve_capping(p2, fits=f2).caps_w, truth2)
+    _energy_line("oracle", p2, before, solve_capping(p2, "lp", fits=truth2).caps_w, truth2)
+    print(
+        "  (target: >= 20 % saved with as few jobs past 5 % as possible; saved = GPU power,\n"
+        "   i.e. energy over a fixed window; per unit of work it is less by the slowdown)"
+    )
+
+
+def _budget_lines(p: Problem, truth: dict[str, CurveFit], fits: dict[str, CurveFit]) -> None:
     plan = solve_capping(p, fits=fits)
     oracle = solve_capping(p, "lp", fits=truth)
     score = evaluate_caps(p, plan.caps_w, truth)
     best = evaluate_caps(p, oracle.caps_w, truth)
-    uni = evaluate_caps(
-        p,
-        dict(
-            zip((g.id for g in p.gpus), evaluate_baselines(p, fits)["uniform"].caps_w, strict=True)
-        ),
-        truth,
-    )
-    print("budget mode, facility budget = 70 % of uncapped draw (scored on true curves)")
+    uniform = evaluate_baselines(p, fits)["uniform"].caps_w
+    uni = evaluate_caps(p, dict(zip((g.id for g in p.gpus), uniform, strict=True)), truth)
     print(
         f"  optimized {score.normalized_throughput:.2f} job-eq ({plan.method}), uniform "
         f"{uni.normalized_throughput:.2f}, oracle {best.normalized_throughput:.2f}"
@@ -207,20 +230,6 @@ def main() -> None:
         f"uniform: {len(uni.budget_violations)}"
     )
 
-    p2, truth2 = fleet(args.nodes, args.seed, "energy", 0.05, 10.0)
-    fits2 = fit_curves(p2)
-    before = evaluate_caps(p2, {}, truth2)
-    print("energy mode, 5 % allowed slowdown (scored on true curves)")
-    print(f"  GPU power uncapped {before.fleet_power_w / 1000:.1f} kW")
-    for label, scale in (("no margin", 0.0), ("margin x0.6", 0.6), ("margin (default)", 1.0)):
-        f2 = {
-            k: dataclasses.replace(f, slowdown_margin=f.slowdown_margin * scale)
-            for k, f in fits2.items()
-        }
-        _energy_line(label, p2, before, solve_capping(p2, fits=f2).caps_w, truth2)
-    _energy_line("oracle", p2, before, solve_capping(p2, "lp", fits=truth2).caps_w, truth2)
-    print("  (target: >= 20 % saved with as few jobs past 5 % as possible)")
-
 
 def _energy_line(
     label: str, p: Problem, before: Evaluation, caps: dict[str, float], truth: dict[str, CurveFit]
@@ -229,9 +238,11 @@ def _energy_line(
     saved = 1 - after.fleet_power_w / before.fleet_power_w
     slow = [1 - after.job_throughput[j] / before.job_throughput[j] for j in before.job_throughput]
     over = sum(s > 0.05 + 1e-9 for s in slow)
+    work = after.normalized_throughput / before.normalized_throughput
+    per_work = 1 - (after.fleet_power_w / work) / before.fleet_power_w
     print(
-        f"  {label:17s} saved {saved * 100:4.1f} %; true slowdown median "
-        f"{np.median(slow) * 100:.1f} %, worst {max(slow) * 100:4.1f} %, "
+        f"  {label:17s} saved {saved * 100:4.1f} % ({per_work * 100:4.1f} % per unit of work); "
+        f"true slowdown median {np.median(slow) * 100:.1f} %, worst {max(slow) * 100:4.1f} %, "
         f"{over} of {len(slow)} jobs past 5 %"
     )
 
