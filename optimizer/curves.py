@@ -491,6 +491,25 @@ def _shape_gap(shape: str, draw_w: float, lo: float) -> float:
     return float(max(0.0, *(fs(x) - fc(x) for x in grid)))
 
 
+def _pure_ss(by_x: dict[float, list[float]]) -> tuple[float, int]:
+    """Sum of squares of replicates about their cap's mean, and its degrees of freedom."""
+    ss, dof = 0.0, 0
+    for v in by_x.values():
+        a = np.asarray(v)
+        ss += float(np.sum((a - a.mean()) ** 2))
+        dof += len(a) - 1
+    return ss, dof
+
+
+def _pure_error(pts: Sequence[tuple[float, float]]) -> tuple[float, int] | None:
+    """Noise SD from replicates alone (same x), and its degrees of freedom; None without."""
+    by_x: dict[float, list[float]] = {}
+    for x, y in pts:
+        by_x.setdefault(x, []).append(y)
+    ss, dof = _pure_ss(by_x)
+    return (math.sqrt(ss / dof), dof) if dof else None
+
+
 def _noise_sd(pts: Sequence[tuple[float, float]]) -> tuple[float, int] | None:
     """The samples' own noise (SD, absolute), with no model of the curve.
 
@@ -505,11 +524,7 @@ def _noise_sd(pts: Sequence[tuple[float, float]]) -> tuple[float, int] | None:
     for x, y in pts:
         by_x.setdefault(x, []).append(y)
     xs = sorted(by_x)
-    ss, dof = 0.0, 0
-    for x in xs:
-        v = np.asarray(by_x[x])
-        ss += float(np.sum((v - v.mean()) ** 2))
-        dof += len(v) - 1
+    ss, dof = _pure_ss(by_x)
     if dof >= max(2, len(xs) - 2):
         # pure error alone: the neighbour differences would add as many degrees
         # of freedom or fewer, and a bend of the curve inflates them
@@ -755,11 +770,14 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
             x_lo, x_hi = min(x for x, _ in pts), max(x for x, _ in pts)
             dof = len(pts) - sum(x_lo - 1e-9 <= x <= x_hi + 1e-9 for x in free.x_w)
             ss = sum((free.value(x) - y) ** 2 for x, y in pts)
-            # a fit through every sample has no residuals to judge it by: the
-            # model-free noise estimate stands in (noisy samples that happen to
-            # lie on a concave curve are still noisy; exact replicates show none)
+            # a fit with no residual degrees of freedom left (or through every
+            # sample) cannot judge its own noise: the replicates' pure error
+            # stands in. Without replicates it is taken at face value: one mean
+            # per cap cannot tell noise from a bend (neighbour differences read
+            # a knee as noise, and the agent's per-cap means are nearly exact).
             if interpolates or dof <= 0:
-                free_sd = noise[0] if noise else 0.0
+                pure = _pure_error(pts)
+                free_sd = pure[0] if pure else 0.0
             else:
                 free_sd = math.sqrt(ss / dof)
             margin = SLOWDOWN_Z * free_sd / mean_y * math.sqrt(2.0 / per_x)
