@@ -24,6 +24,11 @@ from optimizer.topology import Topology
 _IDLE_W_BY_MODEL = (("H200", 75.0), ("H100", 70.0), ("A100", 55.0), ("L40", 35.0), ("A10", 20.0))
 _IDLE_UTIL_PCT = 5.0
 _CAP_BUCKET_W = 5.0
+# A cap's readings become up to this many samples (means of consecutive runs of
+# at least _MIN_RUN readings), not one mean: the fit then sees their spread as
+# pure error, the only noise estimate that a bend of the curve cannot inflate.
+_RUNS_PER_CAP = 3
+_MIN_RUN = 4
 
 
 class EmptyWindow(DcenergyError):
@@ -109,7 +114,7 @@ def _job_samples(points: Iterable[schema.Point]) -> dict[str, dict[str, Any]]:
     jobs: dict[str, dict[str, Any]] = {}
     for job, uuids in gpus.items():
         buckets: dict[float, list[tuple[float, float]]] = defaultdict(list)
-        for pts in per_time.get(job, {}).values():
+        for _, pts in sorted(per_time.get(job, {}).items()):
             cap = statistics.fmean(float(p.fields["power_limit_w"]) for p in pts)
             thr = sum(float(p.fields["throughput"]) for p in pts)
             pw = sum(float(p.fields.get("power_w", 0.0)) for p in pts) / max(len(uuids), 1)
@@ -117,10 +122,11 @@ def _job_samples(points: Iterable[schema.Point]) -> dict[str, dict[str, Any]]:
         samples = [
             {
                 "cap_w": cap,
-                "throughput": statistics.fmean(t for t, _ in vals),
-                "power_w": max(pw for _, pw in vals),
+                "throughput": statistics.fmean(t for t, _ in run),
+                "power_w": max(pw for _, pw in run),
             }
             for cap, vals in sorted(buckets.items())
+            for run in _runs(vals)
         ]
         jobs[job] = {
             "gpus": sorted(uuids),
@@ -128,6 +134,18 @@ def _job_samples(points: Iterable[schema.Point]) -> dict[str, dict[str, Any]]:
             "samples": samples,
         }
     return jobs
+
+
+def _runs(vals: list[tuple[float, float]]) -> list[list[tuple[float, float]]]:
+    """Time-ordered readings at one cap, split into up to ``_RUNS_PER_CAP`` consecutive runs."""
+    k = max(1, min(_RUNS_PER_CAP, len(vals) // _MIN_RUN))
+    size, extra = divmod(len(vals), k)
+    out, i = [], 0
+    for r in range(k):
+        n = size + (1 if r < extra else 0)
+        out.append(vals[i : i + n])
+        i += n
+    return out
 
 
 def build_problem(

@@ -104,3 +104,27 @@ def test_a_job_on_two_hosts_is_one_job_with_summed_throughput_per_cap(
 def test_an_empty_window_says_so(tmp_path: Path) -> None:
     with pytest.raises(EmptyWindow, match="no GPU telemetry"):
         doc(EmbeddedStore(tmp_path / "empty.sqlite"))
+
+
+def test_a_cap_with_many_readings_gives_replicate_samples_in_time_order(tmp_path: Path) -> None:
+    """Consecutive runs of readings at one cap become separate samples, so the
+    fit sees their spread as pure error (one mean per cap would hide it)."""
+    s = EmbeddedStore(tmp_path / "r.sqlite")
+    pts = []
+    for i in range(13):  # 13 readings at 500 W: runs of 5, 4, 4
+        t = NOW - (60 - i) * S
+        pts += [
+            gpu("a", "GPU-a0", t, power=500, util=95, job="j1"),
+            job("a", "j1", "GPU-a0", t, cap=500.0, thr=float(i), power=499.0),
+        ]
+    for i in range(3):  # too few at 700 W for more than one
+        t = NOW - (40 - i) * S
+        pts.append(job("a", "j1", "GPU-a0", t, cap=700.0, thr=20.0 + i, power=650.0))
+    s.write(pts)
+    (j1,) = doc(s)["jobs"]
+    assert [(x["cap_w"], x["throughput"]) for x in j1["samples"]] == [
+        (500.0, 2.0),  # mean of 0..4
+        (500.0, 6.5),  # 5..8
+        (500.0, 10.5),  # 9..12
+        (700.0, 21.0),
+    ]
