@@ -1,0 +1,35 @@
+"""The benchmarks still run and print their figures (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_agent_overhead_bench_prints_cpu_and_rss() -> None:
+    out = run("agent_overhead.py", "--cycles", "20", "--daemon-s", "0")
+    assert "RSS:" in out and "% of one core" in out
+
+
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_quality_bench_scores_every_policy_on_the_true_curves(seed: str) -> None:
+    out = run("optimizer_quality.py", "--nodes", "8", "--seed", seed)
+    for line in ("vs uniform", "vs oracle", "budget violations: 0", "no margin", "oracle  "):
+        assert line in out, line
