@@ -36,6 +36,13 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "a number >= 0"
 
 
+def _between(lo: float, hi: float) -> Check:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"a number in [{lo:g}, {hi:g}]"
+
+    return check
+
+
 def _one_of(*choices: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
@@ -113,6 +120,9 @@ class OptimizerConfig:
     interval_s: float = _opt(300.0, _positive, help="optimizer service solve period")
     plan_ttl_s: float = _opt(900.0, _positive, help="plan lease; agents revert after it")
     allowed_slowdown: float = _opt(0.1, help="default per-job allowed slowdown [0, 1)")
+    slowdown_confidence: float = _opt(
+        0.95, _between(0.5, 0.999), help="how sure each job's slowdown floor must be to hold"
+    )
     price_per_kwh: float = _opt(0.12, _non_negative, help="energy price")
     pue: float = _opt(1.3, help="power usage effectiveness (>= 1)")
     carbon_g_per_kwh: float = _opt(400.0, _non_negative, help="grid carbon intensity")

@@ -29,8 +29,9 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog, nnls
 from scipy.stats import f as f_dist
+from scipy.stats import norm
 
-from optimizer.problem import Gpu, Job, Problem
+from optimizer.problem import DEFAULT_SLOWDOWN_CONFIDENCE, Gpu, Job, Problem
 
 _EPS: Final = 1e-9
 
@@ -89,9 +90,10 @@ MEMORY_BOUND_DRAW_SHARE: Final = 0.7
 # themselves; a residual within SHAPE_ABS_TOL of the mean throughput always passes.
 SHAPE_TEST_LEVEL: Final = 0.95
 SHAPE_ABS_TOL: Final = 0.01
-# Slowdown margin: z of a one-sided 95 % bound, and the margin of a curve that
-# rests on a prior shape alone (the spread of published curves near the top).
-SLOWDOWN_Z: Final = 1.645
+# Slowdown margin: z of the default one-sided 95 % bound (a problem's
+# ``objective.slowdown_confidence`` picks another), and the margin of a curve
+# that rests on a prior shape alone (the spread of published curves near the top).
+SLOWDOWN_Z: Final = float(norm.ppf(DEFAULT_SLOWDOWN_CONFIDENCE))
 PRIOR_SLOWDOWN_MARGIN: Final = 0.01
 
 
@@ -631,7 +633,7 @@ def _shape_slowdown(x: np.ndarray, w: float, draw_w: float) -> np.ndarray:
 
 
 def _shape_margin(
-    fit: _ShapeFit, sd: float, draw_w: float, draw_se: float, allowed: float
+    fit: _ShapeFit, sd: float, draw_w: float, draw_se: float, allowed: float, z: float
 ) -> float:
     """The slowdown margin of a two-shape fit, taken where the job's floor binds.
 
@@ -639,7 +641,7 @@ def _shape_margin(
     + b)`` and the draw the shapes are scaled to. ``w``'s SD follows by the
     delta method from the weights' covariance (``sd² (AᵀA)⁻¹``); since the
     slowdown falls with ``w``, its one-sided bound at every cap at once is the
-    slowdown at ``w - SLOWDOWN_Z × SD`` (not below 0: the compute-bound shape
+    slowdown at ``w - z × SD`` (not below 0: the compute-bound shape
     is the steepest the model admits, and the fit passed its goodness-of-fit
     test). The draw's standard error adds in quadrature. The margin is taken
     at the lowest cap from which the bound stays within ``allowed``: the cap
@@ -656,14 +658,14 @@ def _shape_margin(
         return allowed
     w = b / (a + b)
     grad = np.array([-b, a]) / (a + b) ** 2  # d w / d (a, b)
-    w_lo = max(0.0, w - SLOWDOWN_Z * math.sqrt(max(0.0, float(grad @ cov @ grad))))
+    w_lo = max(0.0, w - z * math.sqrt(max(0.0, float(grad @ cov @ grad))))
     x = np.linspace(0.2 * draw_w, draw_w, 161)
     s_hat = _shape_slowdown(x, w, draw_w)
     dev = _shape_slowdown(x, w_lo, draw_w) - s_hat
     if draw_se > 0.0:
         h = 1e-3 * draw_w
         ds = (_shape_slowdown(x, w, draw_w + h) - _shape_slowdown(x, w, draw_w - h)) / (2 * h)
-        dev = np.sqrt(dev**2 + (SLOWDOWN_Z * ds * draw_se) ** 2)
+        dev = np.sqrt(dev**2 + (z * ds * draw_se) ** 2)
     upper = s_hat + dev
     # the floor allows every cap above the lowest one it allows: the bound must hold on all
     bad = np.flatnonzero(upper > allowed + _EPS)
@@ -693,8 +695,10 @@ def _extend_above(
     return grid, out
 
 
-def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
+def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> CurveFit:
     """Fit one job's curve over the cap range of its GPUs; ``gpus`` are the job's GPUs.
+
+    ``z`` sets the one-sided confidence of the slowdown margin (1.645: 95 %).
 
     * Fewer than ``MIN_DISTINCT_CAPS`` distinct x: the prior shape the
       evidence picks (``_choose_shape``), scaled to the samples.
@@ -760,7 +764,7 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
         if mean_y > 0 and not interpolates and _shape_explains(shape_fit, noise, mean_y):
             xs, ys, method = sx, sy, "shape"
             margin = _shape_margin(
-                shape_fit, max(sd, shape_sd), draw, _draw_se(job), job.allowed_slowdown
+                shape_fit, max(sd, shape_sd), draw, _draw_se(job), job.allowed_slowdown, z
             )
         elif mean_y > 0:
             # the free fit's own residuals, with the effective degrees of freedom
@@ -780,7 +784,7 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu]) -> CurveFit:
                 free_sd = pure[0] if pure else 0.0
             else:
                 free_sd = math.sqrt(ss / dof)
-            margin = SLOWDOWN_Z * free_sd / mean_y * math.sqrt(2.0 / per_x)
+            margin = z * free_sd / mean_y * math.sqrt(2.0 / per_x)
     xs2, ys2 = _dedupe([float(x) for x in xs], [float(y) for y in ys])
     curve = Curve(*_simplify(xs2, ys2))
     if not curve.is_concave(1e-6):
@@ -819,8 +823,10 @@ def fit_curves(problem: Problem) -> dict[str, CurveFit]:
     """A fitted curve for every job, by job id.
 
     Jobs with identical samples on the same GPU models and cap ranges share
-    one fit (fleets run many replicas of one job).
+    one fit (fleets run many replicas of one job). The slowdown margins hold
+    with the problem's ``objective.slowdown_confidence``.
     """
+    z = float(norm.ppf(problem.objective.slowdown_confidence))
     out: dict[str, CurveFit] = {}
     cache: dict[tuple[object, ...], CurveFit] = {}
     for job in problem.jobs:
@@ -835,7 +841,7 @@ def fit_curves(problem: Problem) -> dict[str, CurveFit]:
         )
         fit = cache.get(key)
         if fit is None:
-            fit = fit_job_curve(job, gs)
+            fit = fit_job_curve(job, gs, z)
             cache[key] = fit
         out[job.id] = fit
     return out

@@ -24,6 +24,7 @@ from typing import Any, Final
 from dcenergy.errors import ProblemError
 
 PROBLEM_VERSION: Final = 1
+DEFAULT_SLOWDOWN_CONFIDENCE: Final = 0.95
 DOMAIN_KINDS: Final = frozenset({"facility", "row", "rack", "node", "feed", "cooling", "other"})
 OBJECTIVE_KINDS: Final = frozenset({"budget", "energy", "cost"})
 
@@ -86,6 +87,8 @@ class Objective:
     carbon_g_per_kwh: float = 0.0
     value_per_unit: float = 0.0
     horizon_h: float | None = None
+    # how sure a job's slowdown floor must be to hold on its true curve (see curves.py)
+    slowdown_confidence: float = DEFAULT_SLOWDOWN_CONFIDENCE
 
 
 @dataclass(frozen=True)
@@ -257,8 +260,17 @@ _JOB_KEYS = frozenset(
 )
 _SAMPLE_KEYS = frozenset({"cap_w", "power_w", "throughput"})
 _OBJECTIVE_KEYS = frozenset(
-    {"kind", "price_per_kwh", "pue", "carbon_g_per_kwh", "value_per_unit", "horizon_h"}
+    {
+        "kind",
+        "price_per_kwh",
+        "pue",
+        "carbon_g_per_kwh",
+        "value_per_unit",
+        "horizon_h",
+        "slowdown_confidence",
+    }
 )
+SLOWDOWN_CONFIDENCE_RANGE: Final = (0.5, 0.999)
 
 
 def parse_problem(obj: object, source: str = "<dict>") -> Problem:
@@ -437,6 +449,12 @@ def _parse_objective(r: _Reader, raw: object) -> Objective:
     horizon = None
     if o.get("horizon_h") is not None:
         horizon = r.number(o, "horizon_h", p, positive=True)
+    conf = r.number(o, "slowdown_confidence", p, default=DEFAULT_SLOWDOWN_CONFIDENCE)
+    lo, hi = SLOWDOWN_CONFIDENCE_RANGE
+    if not lo <= conf <= hi:
+        raise r.fail(
+            f"{p}.slowdown_confidence", f"must be a probability in [{lo}, {hi}], got {conf:g}"
+        )
     return Objective(
         kind=kind,
         price_per_kwh=r.number(o, "price_per_kwh", p, default=0.0),
@@ -444,6 +462,7 @@ def _parse_objective(r: _Reader, raw: object) -> Objective:
         carbon_g_per_kwh=r.number(o, "carbon_g_per_kwh", p, default=0.0),
         value_per_unit=r.number(o, "value_per_unit", p, default=0.0),
         horizon_h=horizon,
+        slowdown_confidence=conf,
     )
 
 
@@ -505,17 +524,13 @@ def problem_to_json(p: Problem) -> dict[str, Any]:
         }
         for j in p.jobs
     ]
-    o = p.objective
-    obj: dict[str, Any] = {
-        "kind": o.kind,
-        "price_per_kwh": o.price_per_kwh,
-        "pue": o.pue,
-        "carbon_g_per_kwh": o.carbon_g_per_kwh,
-        "value_per_unit": o.value_per_unit,
+    return {
+        "version": p.version,
+        "gpus": gpus,
+        "domains": domains,
+        "jobs": jobs,
+        "objective": objective_to_json(p.objective),
     }
-    if o.horizon_h is not None:
-        obj["horizon_h"] = o.horizon_h
-    return {"version": p.version, "gpus": gpus, "domains": domains, "jobs": jobs, "objective": obj}
 
 
 def _sample_json(s: Sample) -> dict[str, Any]:
@@ -536,6 +551,7 @@ def objective_to_json(o: Objective) -> dict[str, Any]:
         "pue": o.pue,
         "carbon_g_per_kwh": o.carbon_g_per_kwh,
         "value_per_unit": o.value_per_unit,
+        "slowdown_confidence": o.slowdown_confidence,
     }
     if o.horizon_h is not None:
         out["horizon_h"] = o.horizon_h
@@ -552,6 +568,7 @@ def gpus_by_domain(p: Problem) -> dict[str, list[str]]:
 
 
 __all__: Sequence[str] = (
+    "DEFAULT_SLOWDOWN_CONFIDENCE",
     "DOMAIN_KINDS",
     "OBJECTIVE_KINDS",
     "PROBLEM_VERSION",

@@ -65,7 +65,7 @@ from optimizer.capping import solve_capping
 from optimizer.plan import Plan, make_plan, plan_to_json
 from optimizer.problem import Problem, parse_problem
 from optimizer.records import plan_points
-from optimizer.snapshot import build_problem
+from optimizer.snapshot import build_problem, objective_doc
 from optimizer.topology import Topology, load_topology
 
 if TYPE_CHECKING:
@@ -218,12 +218,7 @@ class OptimizerService:
             topology,
             now_ns=now_ns,
             window_s=o.window_s,
-            objective={
-                "kind": o.objective,
-                "price_per_kwh": o.price_per_kwh,
-                "pue": o.pue,
-                "carbon_g_per_kwh": o.carbon_g_per_kwh,
-            },
+            objective=objective_doc(o),
             allowed_slowdown=o.allowed_slowdown,
         )
         return parse_problem(doc, "<telemetry>")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcenergy import schema
+from dcenergy.config import OptimizerConfig
 from dcenergy.errors import DcenergyError
 from dcenergy.store.base import Store
 from optimizer.topology import Topology
@@ -146,6 +147,17 @@ def _runs(vals: list[tuple[float, float]]) -> list[list[tuple[float, float]]]:
         out.append(vals[i : i + n])
         i += n
     return out
+
+
+def objective_doc(o: OptimizerConfig, kind: str | None = None) -> dict[str, Any]:
+    """The problem's objective block from the ``[optimizer]`` config (``kind`` overrides)."""
+    return {
+        "kind": kind or o.objective,
+        "price_per_kwh": o.price_per_kwh,
+        "pue": o.pue,
+        "carbon_g_per_kwh": o.carbon_g_per_kwh,
+        "slowdown_confidence": o.slowdown_confidence,
+    }
 
 
 def build_problem(

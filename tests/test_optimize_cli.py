@@ -203,3 +203,17 @@ def test_recommend_without_topology_or_budget_is_a_config_error(
     rc, _, err = run(["-c", str(cfg), "recommend"], capsys)
     assert rc == EX_CONFIG
     assert "--budget" in err
+
+
+def test_recommend_takes_the_slowdown_confidence_into_the_problem(
+    tmp_path: Path, filled_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(_config(tmp_path, filled_store))
+    problem_out = tmp_path / "problem.json"
+    args = ["-c", cfg, "recommend", "--budget", "3800", "--save-problem", str(problem_out)]
+    rc, _, _ = run([*args, "--confidence", "0.8"], capsys)
+    assert rc == 0
+    assert json.loads(problem_out.read_text())["objective"]["slowdown_confidence"] == 0.8
+    rc, _, err = run([*args, "--confidence", "0.3"], capsys)
+    assert rc == EX_CONFIG
+    assert "--confidence" in err and "[0.5, 0.999]" in err

@@ -180,7 +180,7 @@ def run_demo(
     from optimizer.capping import solve_capping
     from optimizer.plan import make_plan, plan_to_json
     from optimizer.problem import parse_problem
-    from optimizer.snapshot import build_problem
+    from optimizer.snapshot import build_problem, objective_doc
     from optimizer.topology import parse_topology
 
     wall0 = time.perf_counter()
@@ -249,12 +249,7 @@ def run_demo(
             topo,
             now_ns=fleet.now_ns,
             window_s=(fleet.now_ns - fleet.start_ns) / 1e9,
-            objective={
-                "kind": objective,
-                "price_per_kwh": o.price_per_kwh,
-                "pue": o.pue,
-                "carbon_g_per_kwh": o.carbon_g_per_kwh,
-            },
+            objective=objective_doc(o, objective),
             allowed_slowdown=o.allowed_slowdown,
         )
         problem = parse_problem(doc, "<telemetry>")

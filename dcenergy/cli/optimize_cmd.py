@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from enum import StrEnum
@@ -100,6 +101,13 @@ def recommend(
         float | None,
         typer.Option(help="Per-job allowed slowdown in [0, 1) [default from config].", min=0),
     ] = None,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="How sure each job's slowdown floor must be to hold on its true curve, "
+            "given the fit's uncertainty [default: optimizer.slowdown_confidence].",
+        ),
+    ] = None,
     window: Annotated[
         float | None, typer.Option(help="Telemetry window, seconds [default from config].", min=1)
     ] = None,
@@ -121,7 +129,7 @@ def recommend(
     from dcenergy.errors import ConfigError
     from dcenergy.store.configured import open_configured_store
     from optimizer.problem import parse_problem
-    from optimizer.snapshot import build_problem
+    from optimizer.snapshot import build_problem, objective_doc
     from optimizer.topology import load_topology, single_domain
 
     cfg = state(ctx).config()
@@ -129,6 +137,10 @@ def recommend(
     slowdown = o.allowed_slowdown if allowed_slowdown is None else allowed_slowdown
     if not 0 <= slowdown < 1:
         raise ConfigError("--allowed-slowdown", slowdown, "a fraction in [0, 1)")
+    if confidence is not None:
+        if not 0.5 <= confidence <= 0.999:
+            raise ConfigError("--confidence", confidence, "a probability in [0.5, 0.999]")
+        o = dataclasses.replace(o, slowdown_confidence=confidence)
     if budget is not None:
         if budget <= 0:
             raise ConfigError("--budget", budget, "a power budget in W > 0")
@@ -149,12 +161,7 @@ def recommend(
             topo,
             now_ns=time.time_ns(),
             window_s=o.window_s if window is None else window,
-            objective={
-                "kind": (objective.value if objective else o.objective),
-                "price_per_kwh": o.price_per_kwh,
-                "pue": o.pue,
-                "carbon_g_per_kwh": o.carbon_g_per_kwh,
-            },
+            objective=objective_doc(o, objective.value if objective else None),
             allowed_slowdown=slowdown,
         )
         if save_problem is not None:

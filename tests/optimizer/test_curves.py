@@ -313,3 +313,25 @@ def test_concave_samples_are_taken_at_face_value_only_when_nothing_shows_noise()
     single = tuple(s for s in noisy if s.cap_w != 650.0)
     face = fit_job_curve(Job("j", ("g0",), single, allowed_slowdown=0.05), [H100])
     assert face.method == "exact" and face.slowdown_margin == 0.0
+
+
+def test_a_lower_slowdown_confidence_gives_smaller_margins() -> None:
+    from optimizer.curves import fit_curves
+    from optimizer.problem import Objective, Problem
+
+    rng = np.random.default_rng(4)
+    jobs, gpus = [], []
+    for i in range(20):
+        draw = float(rng.uniform(450, 690))
+        job = _noisy_job(_mixed_truth(float(rng.uniform(0, 1)), draw), draw, rng, 0.03)
+        gpus.append(Gpu(f"g{i}", "h", "NVIDIA H100", 200.0, 700.0, 700.0, 70.0, ()))
+        jobs.append(Job(f"j{i}", (f"g{i}",), job.samples, allowed_slowdown=0.05))
+
+    def margins(conf: float) -> np.ndarray:
+        p = Problem(tuple(gpus), (), tuple(jobs), Objective("energy", slowdown_confidence=conf))
+        fits = fit_curves(p)
+        return np.array([fits[j.id].slowdown_margin for j in jobs])
+
+    strict, loose = margins(0.99), margins(0.8)
+    assert np.all(loose <= strict + 1e-12)
+    assert np.median(loose) < 0.7 * np.median(strict)

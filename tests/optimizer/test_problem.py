@@ -163,6 +163,16 @@ MALFORMED: dict[str, tuple[Callable[[dict[str, Any]], None], str, str]] = {
         "unknown objective",
     ),
     "pue below 1": (_set(["objective", "pue"], 0.9), "objective.pue", ">= 1"),
+    "confidence too low": (
+        _set(["objective", "slowdown_confidence"], 0.4),
+        "objective.slowdown_confidence",
+        "[0.5, 0.999]",
+    ),
+    "confidence certain": (
+        _set(["objective", "slowdown_confidence"], 1.0),
+        "objective.slowdown_confidence",
+        "[0.5, 0.999]",
+    ),
     "missing objective": (_del(["objective"]), "objective", "missing"),
 }
 
