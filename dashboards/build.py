@@ -508,16 +508,16 @@ def fleet() -> Board:
                 target(
                     'SELECT max("b") AS "budget_w", max("pl") AS "planned_w" FROM ('
                     'SELECT last("budget_w") AS "b", last("planned_w") AS "pl" '
-                    f'FROM "plan_domain" WHERE {T} {BY_TIME}, "domain" fill(previous)'
-                    f") WHERE {T} {BY_TIME} fill(previous)",
+                    f'FROM "plan_domain" WHERE "outermost" = true AND {T} {BY_TIME}, "domain" '
+                    f"fill(previous)) WHERE {T} {BY_TIME} fill(previous)",
                     alias="top domain $col",
                 ),
             ],
             unit="watt",
             description="Measured GPU power of the selected hosts against the budget and the "
-            "plan of the outermost power domain (the domain with the largest budget; domains "
-            "nest, so it holds all others). The planned figure includes non-GPU baseline "
-            "load.",
+            "plan of the outermost power domain (one that holds every GPU; with several, "
+            "such as two fleet-wide feeds, the largest). The planned figure includes non-GPU "
+            "baseline load.",
             minimum=0,
             overrides=[dashed(".*budget_w", "red"), dashed(".*planned_w", "orange")],
         ),
@@ -529,15 +529,17 @@ def fleet() -> Board:
             "Per-domain power vs budget",
             [
                 target(
-                    'SELECT last("budget_w") AS "budget_w", last("before_w") AS "before_w", '
-                    'last("planned_w") AS "planned_w" FROM "plan_domain" '
-                    f'WHERE {F_DOMAIN} {BY_TIME}, "domain" fill(previous)',
+                    'SELECT last("budget_w") AS "budget_w", last("measured_w") AS "measured_w", '
+                    'last("before_w") AS "before_w", last("planned_w") AS "planned_w" '
+                    f'FROM "plan_domain" WHERE {F_DOMAIN} {BY_TIME}, "domain" fill(previous)',
                     alias="$tag_domain $col",
                 )
             ],
             unit="watt",
-            description="For each selected domain: its budget, the predicted power with no "
-            "change and the predicted power under the plan (from plan_domain).",
+            description="For each selected domain, at each solve: its budget, its measured "
+            "power over the window the optimizer read (GPU draw plus non-GPU baseline), the "
+            "predicted power with no change and the predicted power under the plan (from "
+            "plan_domain).",
             minimum=0,
             overrides=[dashed(".*budget_w")],
         ),

@@ -209,6 +209,8 @@ PLAN_DOMAIN = Measurement(
         _f("budget_w", float, "W", "domain budget"),
         _f("before_w", float, "W", "predicted domain power before"),
         _f("planned_w", float, "W", "predicted domain power under the plan"),
+        _f("measured_w", float, "W", "measured domain power over the solve's window"),
+        _f("outermost", bool, "bool", "the domain holds every GPU of the plan"),
         _f("shadow_price_per_kw", float, "unit/s per kW", "throughput one more kW would buy"),
     ),
     "per-domain figures of each plan",

@@ -558,6 +558,29 @@ def objective_to_json(o: Objective) -> dict[str, Any]:
     return out
 
 
+def measured_domain_power(problem: Problem) -> dict[str, float]:
+    """Measured draw per domain (GPUs' ``current_w`` plus baseline), for the
+    domains where every GPU reports one; a partial sum would read as headroom."""
+    out: dict[str, float] = {d.id: d.baseline_w for d in problem.domains}
+    missing: set[str] = set()
+    for g in problem.gpus:
+        for d in g.domains:
+            if g.current_w is None:
+                missing.add(d)
+            else:
+                out[d] += g.current_w
+    return {k: v for k, v in out.items() if k not in missing}
+
+
+def outermost_domains(problem: Problem) -> set[str]:
+    """Domains that hold every GPU of the problem (the facility, or a fleet-wide feed)."""
+    counts: dict[str, int] = dict.fromkeys((d.id for d in problem.domains), 0)
+    for g in problem.gpus:
+        for d in g.domains:
+            counts[d] += 1
+    return {d for d, n in counts.items() if n == len(problem.gpus)}
+
+
 def gpus_by_domain(p: Problem) -> dict[str, list[str]]:
     """GPU ids drawing from each domain (every domain present, maybe empty)."""
     out: dict[str, list[str]] = {d.id: [] for d in p.domains}
@@ -580,7 +603,9 @@ __all__: Sequence[str] = (
     "Sample",
     "gpus_by_domain",
     "load_problem",
+    "measured_domain_power",
     "objective_to_json",
+    "outermost_domains",
     "parse_problem",
     "problem_to_json",
 )

@@ -26,7 +26,10 @@ per power domain, all stamped ``now_ns`` (the publishing time, like the
 * ``shadow_price_per_kw``: weighted normalised throughput one more kW in the
   domain would buy (absent where the solver gave none);
 * ``budget_w``: the domain's budget. The plan JSON does not carry budgets,
-  so they come from the problem (or ``budgets``); absent otherwise.
+  so they come from the problem (or ``budgets``); absent otherwise;
+* ``measured_w``: the domain's measured draw over the window the problem was
+  built from (GPUs' mean draw plus baseline; absent where a GPU in it has no
+  reading); ``outermost``: the domain holds every GPU. Both need the problem.
 
 A plan may be a :class:`~optimizer.plan.Plan` or its JSON dict; a minimal
 dict (``dcenergy apply`` takes one with only ids, times and setpoints) gives
@@ -42,7 +45,7 @@ from typing import Any
 from dcenergy import schema
 from dcenergy.schema import Point
 from optimizer.plan import Plan, plan_to_json
-from optimizer.problem import Problem
+from optimizer.problem import Problem, measured_domain_power, outermost_domains
 
 CAPPED_TOLERANCE_W = 0.5  # a cap this close to the default is the default (mW rounding)
 UNKNOWN_OBJECTIVE = "unknown"  # tag value when the plan names no objective (tags cannot be "")
@@ -88,9 +91,10 @@ def plan_points(
 ) -> list[Point]:
     """The ``plan`` point and one ``plan_domain`` point per domain of ``plan``.
 
-    ``problem`` supplies domain budgets and default caps; ``budgets`` and
-    ``default_caps`` override it (or stand in for it). Without either,
-    ``budget_w`` and ``gpus_capped`` are absent.
+    ``problem`` supplies domain budgets, default caps, measured power and
+    which domains are outermost; ``budgets`` and ``default_caps`` override it
+    (or stand in for it). Without either, ``budget_w`` and ``gpus_capped`` are
+    absent; without ``problem``, ``measured_w`` and ``outermost``.
     """
     doc: Mapping[str, Any] = plan_to_json(plan) if isinstance(plan, Plan) else plan
     if problem is not None:
@@ -124,6 +128,8 @@ def plan_points(
             now_ns,
         )
     ]
+    measured = measured_domain_power(problem) if problem is not None else {}
+    outermost = outermost_domains(problem) if problem is not None else None
     d_before, d_after = _map(before.get("domain_power_w")), _map(after.get("domain_power_w"))
     shadow = _map(doc.get("shadow_prices"))
     domains = sorted({*d_before, *d_after, *shadow, *(budgets or {})})
@@ -137,6 +143,8 @@ def plan_points(
                     "budget_w": _num((budgets or {}).get(d)),
                     "before_w": _num(d_before.get(d)),
                     "planned_w": _num(d_after.get(d)),
+                    "measured_w": _num(measured.get(d)),
+                    "outermost": None if outermost is None else d in outermost,
                     "shadow_price_per_kw": _num(shadow.get(d)),
                 },
                 now_ns,

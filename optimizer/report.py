@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from optimizer.plan import Plan
-from optimizer.problem import Problem
+from optimizer.problem import Problem, measured_domain_power
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -50,7 +50,7 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
     out.append("")
 
     # domains
-    now = _now_by_domain(problem)
+    now = measured_domain_power(problem)
     rows = []
     for d in problem.domains[:max_rows]:
         before = plan.before.domain_power_w.get(d.id, 0.0)
@@ -139,19 +139,6 @@ def _split_exceeded(problem: Problem, plan: Plan) -> tuple[list[str], list[str]]
         slow = 1 - a / b if b > 0 else 0.0
         (past if slow > allowed.get(job, 0.0) + 1e-9 else margin).append(job)
     return past, margin
-
-
-def _now_by_domain(problem: Problem) -> dict[str, float]:
-    """Measured draw per domain where every GPU in it reports current_w."""
-    out: dict[str, float] = {d.id: d.baseline_w for d in problem.domains}
-    missing: set[str] = set()
-    for g in problem.gpus:
-        for d in g.domains:
-            if g.current_w is None:
-                missing.add(d)
-            else:
-                out[d] += g.current_w
-    return {k: v for k, v in out.items() if k not in missing}
 
 
 def _consolidation(c: Mapping[str, Any], max_moves: int = 50) -> list[str]:

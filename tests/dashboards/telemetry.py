@@ -232,6 +232,8 @@ def _plan_points(t: int, n: int) -> list[Point]:
                     "budget_w": budget,
                     "before_w": before * share + 900.0,
                     "planned_w": after * share + 900.0,
+                    "measured_w": 0.97 * before * share + 900.0,
+                    "outermost": share == 1.0,
                     "shadow_price_per_kw": shadow,
                 },
                 t,

@@ -128,3 +128,18 @@ def test_energy_agrees_with_the_gpus_energy_counters(seeded: Seeded) -> None:
 def test_dropped_points_by_reason(seeded: Seeded) -> None:
     dropped = _stat(seeded, "agent-health.json", "Points dropped in range")
     assert dropped["overflow"] == 70 and dropped["rejected"] == 3 and dropped["partial"] == 2
+
+
+def test_fleet_budget_line_is_the_outermost_domains(seeded: Seeded) -> None:
+    """Seeded: the facility (12 kW) holds every GPU; the per-domain panel shows measured power."""
+    (fleet,) = [
+        x for x in TARGETS if x.id.endswith(":Fleet GPU power vs budget:B")
+    ]  # the budget/plan target
+    q = substitute(fleet.query, live_values(ALL["fleet-energy.json"]))
+    rows = [r for s in _series(seeded.query(q), q) for r in s["values"] if r[1] is not None]
+    assert rows and all(r[1] == 12_000.0 for r in rows)
+    (per,) = [x for x in TARGETS if x.id.endswith(":Per-domain power vs budget:A")]
+    q = substitute(per.query, live_values(ALL["fleet-energy.json"]))
+    for s in _series(seeded.query(q), q):
+        col = s["columns"].index("measured_w")
+        assert any(r[col] is not None and r[col] > 900.0 for r in s["values"]), s["tags"]

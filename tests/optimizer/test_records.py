@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def _check_schema(p: Point) -> None:
     assert all(isinstance(v, str) and v for v in p.tags.values())
     for name, value in p.fields.items():
         spec = m.spec(name)  # KeyError for an undeclared field
-        assert isinstance(value, spec.kind) and not isinstance(value, bool), (name, value)
+        assert isinstance(value, spec.kind), (name, value)
+        assert spec.kind is bool or not isinstance(value, bool), (name, value)
 
 
 def test_plan_point_carries_the_plan_figures(example: tuple[Problem, Plan]) -> None:
@@ -86,6 +88,31 @@ def test_one_domain_point_per_domain_with_budget_and_shadow_price(
         else:
             assert "shadow_price_per_kw" not in f
     assert any("shadow_price_per_kw" in p.fields for p in domains.values())
+
+
+def test_domain_points_carry_measured_power_and_mark_the_outermost(
+    example: tuple[Problem, Plan],
+) -> None:
+    problem, plan = example
+    # every GPU of the example reads 100 W except one, whose domains then have no measured_w
+    gpus = [dataclasses.replace(g, current_w=100.0) for g in problem.gpus]
+    silent = gpus[-1]
+    gpus[-1] = dataclasses.replace(silent, current_w=None)
+    measured = dataclasses.replace(problem, gpus=tuple(gpus))
+    _, domains = _split(plan_points(plan, NOW, problem=measured))
+    for d in problem.domains:
+        f = domains[d.id].fields
+        members = [g for g in problem.gpus if d.id in g.domains]
+        if d.id in silent.domains:
+            assert "measured_w" not in f  # a partial sum would read as headroom
+        else:
+            assert f["measured_w"] == pytest.approx(d.baseline_w + 100.0 * len(members))
+        assert f["outermost"] is (len(members) == len(problem.gpus))
+    assert sum(p.fields["outermost"] for p in domains.values()) >= 1
+    assert any("measured_w" in p.fields for p in domains.values())
+    # without the problem neither is known
+    _, bare = _split(plan_points(plan, NOW))
+    assert not any({"measured_w", "outermost"} & set(p.fields) for p in bare.values())
 
 
 def test_the_json_dict_gives_the_same_points(example: tuple[Problem, Plan]) -> None:
