@@ -627,9 +627,19 @@ def _shape_slowdown(x: np.ndarray, w: float, draw_w: float) -> np.ndarray:
     linear in ``w``, and falling with it (the memory-bound shape is never below
     the compute-bound one).
     """
-    fc = np.vectorize(_shape_fn(PRIOR_COMPUTE_BOUND, draw_w))(x)
-    fm = np.vectorize(_shape_fn(PRIOR_MEMORY_BOUND, draw_w))(x)
+    px = np.asarray(x, dtype=float) / draw_w
+    fc = _relative_shape(PRIOR_COMPUTE_BOUND, px)
+    fm = _relative_shape(PRIOR_MEMORY_BOUND, px)
     return np.asarray(1.0 - ((1.0 - w) * fc + w * fm), dtype=float)
+
+
+def _relative_shape(shape: Sequence[tuple[float, float]], u: np.ndarray) -> np.ndarray:
+    """Vectorised ``_shape_fn`` at caps given as shares ``u`` of the draw."""
+    pu = np.array([p for p, _ in shape])
+    py = np.array([r for _, r in shape])
+    s0 = (py[1] - py[0]) / (pu[1] - pu[0])
+    below = np.maximum(0.0, py[0] - s0 * (pu[0] - u))
+    return np.asarray(np.where(u <= pu[0], below, np.interp(u, pu, py)), dtype=float)
 
 
 def _shape_margin(
@@ -646,7 +656,7 @@ def _shape_margin(
     test). The draw's standard error adds in quadrature. The margin is taken
     at the lowest cap from which the bound stays within ``allowed``: the cap
     the capping model's tightened floor then allows, so the floor holds on
-    the true curve with about 95 % confidence in every objective.
+    the true curve with the confidence ``z`` stands for, in every objective.
     """
     a, b = fit.coef
     if a + b <= 0.0 or allowed <= 0.0:
