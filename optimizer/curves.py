@@ -711,7 +711,8 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> Curve
     ``z`` sets the one-sided confidence of the slowdown margin (1.645: 95 %).
 
     * Fewer than ``MIN_DISTINCT_CAPS`` distinct x: the prior shape the
-      evidence picks (``_choose_shape``), scaled to the samples.
+      evidence picks (``_choose_shape``), scaled to the samples; with two x
+      read repeatedly, the two-shape model instead where its margin is smaller.
     * Otherwise the two-shape model where it explains the samples as well as
       their noise allows (an F test, ``_shape_explains``), else the free concave L1
       fit, continued below the lowest sample with the chosen prior shape.
@@ -737,6 +738,18 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> Curve
         xs, ys = _prior_curve(PRIOR_SHAPES[shape], draw, lo, hi, pts)
         method = "prior"
         margin = PRIOR_SLOWDOWN_MARGIN + _shape_gap(shape, draw, lo)
+        if distinct == 2 and mean_y > 0 and noise is not None:
+            # two caps, each read more than once (the snapshot's run means): the
+            # ratio of their means sets the mix, the replicates its uncertainty.
+            # This is how a job the optimizer has capped once starts to learn
+            # its own curve instead of staying on the pessimistic prior.
+            two = _shape_model(pts, draw, lo, hi)
+            if _shape_explains(two, noise, mean_y):
+                m = _shape_margin(
+                    two, max(noise[0], two.sd), draw, _draw_se(job), job.allowed_slowdown, z
+                )
+                if m < margin:
+                    xs, ys, method, margin = two.grid, two.values, "shape", m
     else:
         gx, gy, method = concave_l1_fit([x for x, _ in pts], [y for _, y in pts])
         xs, ys = list(gx), list(gy)

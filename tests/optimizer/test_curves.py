@@ -10,6 +10,7 @@ from optimizer.curves import (
     PRIOR_MEMORY_BOUND,
     PRIOR_SLOWDOWN_MARGIN,
     Curve,
+    CurveFit,
     _noise_sd,
     concave_l1_fit,
     fit_job_curve,
@@ -335,3 +336,31 @@ def test_a_lower_slowdown_confidence_gives_smaller_margins() -> None:
     strict, loose = margins(0.99), margins(0.8)
     assert np.all(loose <= strict + 1e-12)
     assert np.median(loose) < 0.7 * np.median(strict)
+
+
+def test_a_job_capped_once_learns_its_mix_from_repeated_readings() -> None:
+    """Uncapped and at one cap, three run means each: enough for the two-shape
+    model to see a memory-bound job, where the prior reads it pessimistically."""
+    draw = 400.0
+    truth = _mixed_truth(1.0, draw)  # memory-bound
+    rng = np.random.default_rng(8)
+    samples = tuple(
+        Sample(
+            throughput=truth.value(c) * (1 + rng.normal(0, 0.005)),
+            cap_w=c,
+            power_w=min(c, draw) * (1 + rng.normal(0, 0.003)),
+        )
+        for c in (700.0, 700.0, 700.0, 240.0, 240.0, 240.0)  # 240 W = 0.6 of the draw
+    )
+    job = Job("j", ("g0",), samples, allowed_slowdown=0.05)
+    fit = fit_job_curve(job, [H100])
+    assert fit.n_distinct_caps == 2 and fit.method == "shape"
+    prior = fit_job_curve(Job("j", ("g0",), samples[:3], allowed_slowdown=0.05), [H100])
+    assert prior.method == "prior"
+
+    def floor_cap(f: CurveFit) -> float:
+        return f.curve.inverse((1 - max(0.0, 0.05 - f.slowdown_margin)) * f.uncapped)
+
+    learned = floor_cap(fit)
+    assert learned < floor_cap(prior) - 40.0  # it may go well below where the prior stops
+    assert 1 - truth.value(learned) / truth.max_y <= 0.05  # and still keeps the floor
