@@ -33,3 +33,10 @@ def test_quality_bench_scores_every_policy_on_the_true_curves(seed: str) -> None
     out = run("optimizer_quality.py", "--nodes", "8", "--seed", seed)
     for line in ("vs uniform", "vs oracle", "budget violations: 0", "no margin", "oracle  "):
         assert line in out, line
+
+
+def test_closed_loop_learning_bench_measures_every_cycle() -> None:
+    out = run("closed_loop_learning.py", "--cycles", "2", "--interval", "200", "--nodes", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert "prior" in out  # the first plan rests on priors: no cap was ever tried
