@@ -341,14 +341,7 @@ def _prior_curve(
 ) -> tuple[list[float], list[float]]:
     """The prior, x scaled to ``draw_w`` and y scaled (least squares) to the observed points."""
     px = [p * draw_w for p, _ in shape]
-    py = [r for _, r in shape]
-    s0 = (py[1] - py[0]) / (px[1] - px[0])
-
-    def r(x: float) -> float:
-        if x <= px[0]:
-            return max(0.0, py[0] - s0 * (px[0] - x))
-        return float(np.interp(x, px, py))
-
+    r = _shape_fn(shape, draw_w)
     if points:
         num = sum(y * r(x) for x, y in points)
         den = sum(r(x) ** 2 for x, _ in points)
@@ -377,14 +370,7 @@ def _extend_below(
     x1, y1 = xs[0], ys[0]
     s1 = (ys[1] - ys[0]) / (xs[1] - xs[0]) if len(xs) > 1 else 0.0
     px = [p * draw_w for p, _ in shape]
-    py = [r for _, r in shape]
-    s0 = (py[1] - py[0]) / (px[1] - px[0])
-
-    def r(x: float) -> float:
-        if x <= px[0]:
-            return max(0.0, py[0] - s0 * (px[0] - x))
-        return float(np.interp(x, px, py))
-
+    r = _shape_fn(shape, draw_w)
     r1 = r(x1)
     grid = sorted({lo, *[x for x in px if lo < x < x1]})
     out_y = []
