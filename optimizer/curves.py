@@ -19,6 +19,7 @@ on the true curve (see ``docs/problem-format.md``).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -95,6 +96,12 @@ SHAPE_ABS_TOL: Final = 0.01
 # that rests on a prior shape alone (the spread of published curves near the top).
 SLOWDOWN_Z: Final = float(norm.ppf(DEFAULT_SLOWDOWN_CONFIDENCE))
 PRIOR_SLOWDOWN_MARGIN: Final = 0.01
+# Fleet pooling (``fit_curves``): a group of jobs needs at least this many
+# distinct two-shape fits before their spread says how far its jobs differ.
+FLEET_MIN_FITS: Final = 8
+# How many degrees of freedom the fleet's noise estimate counts for against a
+# job's own when the two are pooled for its margin (``_moderated``).
+FLEET_NOISE_PRIOR_DOF: Final = 4
 
 
 @dataclass(frozen=True)
@@ -197,16 +204,19 @@ class CurveFit:
     ``slowdown_margin`` is how much the curve's predicted slowdown may
     understate the true one (one-sided, about 95 %): the capping model
     tightens the job's slowdown floor by it (see ``docs/problem-format.md``).
+    ``memory_share`` is, for a two-shape curve, the memory-bound share of its
+    mix and that share's SD (what fleet pooling combines, ``fit_curves``).
     """
 
     curve: Curve
-    method: str  # "exact" | "lp-l1" | "shape" | "prior"
+    method: str  # "exact" | "lp-l1" | "shape" | "prior" | "fleet"
     n_samples: int
     n_distinct_caps: int
     rmse_rel: float | None
     draw_w: float
     shape: str = "compute"
     slowdown_margin: float = 0.0
+    memory_share: tuple[float, float] | None = None
 
     @property
     def uncapped(self) -> float:
@@ -541,6 +551,12 @@ class _ShapeFit:
     gram: np.ndarray  # AᵀA of the design: the weights' covariance is sd² × its inverse
 
 
+def _mix_grid(draw_w: float, lo: float, hi: float) -> list[float]:
+    """Breakpoints of a mix of the two shapes on [lo, hi]."""
+    knots = {lo, hi, *(p * draw_w for shape in PRIOR_SHAPES.values() for p, _ in shape)}
+    return sorted(x for x in knots if lo <= x <= hi)
+
+
 def _shape_model(
     pts: Sequence[tuple[float, float]], draw_w: float, lo: float, hi: float
 ) -> _ShapeFit:
@@ -558,8 +574,7 @@ def _shape_model(
     res = y - a_mat @ coef
     dof = max(1, len(pts) - 2)
     sd = math.sqrt(float(res @ res) / dof)
-    knots = {lo, hi, *(p * draw_w for shape in PRIOR_SHAPES.values() for p, _ in shape)}
-    grid = sorted(x for x in knots if lo <= x <= hi)
+    grid = _mix_grid(draw_w, lo, hi)
     return _ShapeFit(
         grid,
         [float(coef[0] * fc(x) + coef[1] * fm(x)) for x in grid],
@@ -586,10 +601,8 @@ def _shape_explains(fit: _ShapeFit, noise: tuple[float, int] | None, mean_y: flo
     return bool((fit.sd / noise[0]) ** 2 <= f_dist.ppf(SHAPE_TEST_LEVEL, fit.dof, noise[1]))
 
 
-def _draw_se(job: Job) -> float:
-    """Standard error (W) of the unconstrained draw: the spread of the power
-    readings the cap did not hold, over their square root; with fewer than two
-    of them, the relative jitter of the readings the cap did hold (same sensor)."""
+def _readings(job: Job) -> tuple[list[float], list[float]]:
+    """The job's power readings the cap did not hold (W), and those it held (as a share of it)."""
     free: list[float] = []
     held: list[float] = []
     for s, unheld in zip(job.samples, _unheld(job), strict=True):
@@ -598,11 +611,70 @@ def _draw_se(job: Job) -> float:
             free.append(s.power_w)
         elif s.power_w is not None and s.cap_w is not None:
             held.append(s.power_w / s.cap_w)
+    return free, held
+
+
+def _draw_se(job: Job, fleet_jitter: float = 0.0) -> float:
+    """Standard error (W) of the unconstrained draw: the spread of the power
+    readings the cap did not hold, over their square root; with fewer than two
+    of them, the relative jitter of the readings the cap did hold (same
+    sensor), else the fleet's (``fleet_jitter``, ``_fleet_jitter``): one reading
+    does not show its own noise, and taking none would read it as exact."""
+    free, held = _readings(job)
     if len(free) >= 2:
         return float(np.std(free, ddof=1) / math.sqrt(len(free)))
     if free and len(held) >= 2:
         return float(free[0] * np.std(held, ddof=1))
+    if free:
+        return free[0] * fleet_jitter
     return 0.0
+
+
+def _fleet_noise(jobs: Sequence[Job]) -> tuple[float, int] | None:
+    """Relative throughput noise pooled over every job's replicates (pure error
+    about each x's mean, over that mean), and its degrees of freedom; None
+    with fewer than ``FLEET_MIN_FITS``."""
+    ss, dof = 0.0, 0
+    for job in jobs:
+        by_x: dict[float, list[float]] = {}
+        for x, y in _aggregate_points(job)[0]:
+            by_x.setdefault(x, []).append(y)
+        for v in by_x.values():
+            a = np.asarray(v)
+            if len(a) >= 2 and a.mean() > 0:
+                ss += float(np.sum((a / a.mean() - 1.0) ** 2))
+                dof += len(a) - 1
+    return (math.sqrt(ss / dof), dof) if dof >= FLEET_MIN_FITS else None
+
+
+def _moderated(
+    noise: tuple[float, int], fleet_noise: tuple[float, int] | None, mean_y: float
+) -> float:
+    """The job's noise SD moderated toward the fleet's (relative, ``fleet_noise``).
+
+    A job's own estimate rests on a few degrees of freedom and is at times
+    far too small by chance; its margin would then be too. The fleet's
+    stands in for ``FLEET_NOISE_PRIOR_DOF`` more degrees of freedom (the
+    moderated variance of Smyth, 2004).
+    """
+    if fleet_noise is None:
+        return noise[0]
+    d0 = FLEET_NOISE_PRIOR_DOF
+    var = (d0 * (fleet_noise[0] * mean_y) ** 2 + noise[1] * noise[0] ** 2) / (d0 + noise[1])
+    return math.sqrt(var)
+
+
+def _fleet_jitter(jobs: Sequence[Job]) -> float:
+    """Relative SD of one power reading, pooled over every job's replicates
+    (unheld readings about their mean, held ones' share of the cap about theirs)."""
+    ss, dof = 0.0, 0
+    for job in jobs:
+        free, held = _readings(job)
+        for rel in (np.asarray(free) / np.mean(free) if free else np.array([]), np.asarray(held)):
+            if len(rel) >= 2:
+                ss += float(np.sum((rel - rel.mean()) ** 2))
+                dof += len(rel) - 1
+    return math.sqrt(ss / dof) if dof else 0.0
 
 
 def _shape_slowdown(x: np.ndarray, w: float, draw_w: float) -> np.ndarray:
@@ -628,33 +700,45 @@ def _relative_shape(shape: Sequence[tuple[float, float]], u: np.ndarray) -> np.n
     return np.asarray(np.where(u <= pu[0], below, np.interp(u, pu, py)), dtype=float)
 
 
-def _shape_margin(
-    fit: _ShapeFit, sd: float, draw_w: float, draw_se: float, allowed: float, z: float
-) -> float:
-    """The slowdown margin of a two-shape fit, taken where the job's floor binds.
+def _memory_share(fit: _ShapeFit, sd: float) -> tuple[float, float] | None:
+    """The fit's memory-bound share ``w = b / (a + b)`` and its SD.
 
-    What is uncertain in the slowdown is the memory-bound share ``w = b / (a
-    + b)`` and the draw the shapes are scaled to. ``w``'s SD follows by the
-    delta method from the weights' covariance (``sd² (AᵀA)⁻¹``); since the
-    slowdown falls with ``w``, its one-sided bound at every cap at once is the
-    slowdown at ``w - z × SD`` (not below 0: the compute-bound shape
-    is the steepest the model admits, and the fit passed its goodness-of-fit
-    test). The draw's standard error adds in quadrature. The margin is taken
-    at the lowest cap from which the bound stays within ``allowed``: the cap
-    the capping model's tightened floor then allows, so the floor holds on
-    the true curve with the confidence ``z`` stands for, in every objective.
+    The SD follows by the delta method from the weights' covariance
+    (``sd² (AᵀA)⁻¹``); it is infinite where the samples cannot tell the
+    shapes apart (no mix is supported by them). None for a job that did no work.
     """
     a, b = fit.coef
-    if a + b <= 0.0 or allowed <= 0.0:
-        return 0.0
+    if a + b <= 0.0:
+        return None
+    w = b / (a + b)
     try:
         cov = sd * sd * np.linalg.inv(fit.gram)
     except np.linalg.LinAlgError:
-        # the samples cannot tell the shapes apart: no mix is supported by them
-        return allowed
-    w = b / (a + b)
+        return w, math.inf
     grad = np.array([-b, a]) / (a + b) ** 2  # d w / d (a, b)
-    w_lo = max(0.0, w - z * math.sqrt(max(0.0, float(grad @ cov @ grad))))
+    return w, math.sqrt(max(0.0, float(grad @ cov @ grad)))
+
+
+def _share_margin(
+    w: float, w_sd: float, draw_w: float, draw_se: float, allowed: float, z: float
+) -> float:
+    """The slowdown margin of a mix with memory-bound share ``w`` (SD ``w_sd``),
+    taken where the job's floor binds.
+
+    What is uncertain in the slowdown is ``w`` and the draw the shapes are
+    scaled to. Since the slowdown falls with ``w``, its one-sided bound at
+    every cap at once is the slowdown at ``w - z × w_sd`` (not below 0: the
+    compute-bound shape is the steepest the model admits). The draw's
+    standard error adds in quadrature. The margin is taken at the lowest cap
+    from which the bound stays within ``allowed``: the cap the capping
+    model's tightened floor then allows, so the floor holds on the true curve
+    with the confidence ``z`` stands for, in every objective.
+    """
+    if allowed <= 0.0:
+        return 0.0
+    if not math.isfinite(w_sd):
+        return allowed
+    w_lo = max(0.0, w - z * w_sd)
     x = np.linspace(0.2 * draw_w, draw_w, 161)
     s_hat = _shape_slowdown(x, w, draw_w)
     dev = _shape_slowdown(x, w_lo, draw_w) - s_hat
@@ -669,6 +753,16 @@ def _shape_margin(
     if first >= len(x):  # pragma: no cover - at the draw the slowdown and its SD are 0
         return allowed
     return float(min(allowed, max(0.0, allowed - s_hat[first])))
+
+
+def _shape_margin(
+    fit: _ShapeFit, sd: float, draw_w: float, draw_se: float, allowed: float, z: float
+) -> tuple[float, tuple[float, float] | None]:
+    """A two-shape fit's slowdown margin (``_share_margin``) and its memory-bound share."""
+    share = _memory_share(fit, sd)
+    if share is None:
+        return 0.0, None
+    return _share_margin(*share, draw_w, draw_se, allowed, z), share
 
 
 def _extend_above(
@@ -691,10 +785,17 @@ def _extend_above(
     return grid, out
 
 
-def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> CurveFit:
+def fit_job_curve(
+    job: Job,
+    gpus: Sequence[Gpu],
+    z: float = SLOWDOWN_Z,
+    fleet_noise: tuple[float, int] | None = None,
+) -> CurveFit:
     """Fit one job's curve over the cap range of its GPUs; ``gpus`` are the job's GPUs.
 
     ``z`` sets the one-sided confidence of the slowdown margin (1.645: 95 %).
+    ``fleet_noise`` (relative SD, degrees of freedom; ``_fleet_noise``) stands
+    in for the job's own noise where it has no replicates to show it.
 
     * Fewer than ``MIN_DISTINCT_CAPS`` distinct x: the prior shape the
       evidence picks (``_choose_shape``), scaled to the samples; with two x
@@ -718,6 +819,7 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> Curve
     noise = _noise_sd(pts)
     mean_y = sum(y for _, y in pts) / len(pts) if pts else 0.0
     margin = PRIOR_SLOWDOWN_MARGIN
+    share: tuple[float, float] | None = None
     if distinct < MIN_DISTINCT_CAPS:
         draw = free_draw if free_draw is not None else (max(measured) if measured else default_w)
         draw = min(max(draw, lo), hi)
@@ -731,11 +833,17 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> Curve
             # its own curve instead of staying on the pessimistic prior.
             two = _shape_model(pts, draw, lo, hi)
             if _shape_explains(two, noise, mean_y):
-                m = _shape_margin(
-                    two, max(noise[0], two.sd), draw, _draw_se(job), job.allowed_slowdown, z
+                m, two_share = _shape_margin(
+                    two,
+                    max(_moderated(noise, fleet_noise, mean_y), two.sd),
+                    draw,
+                    _draw_se(job),
+                    job.allowed_slowdown,
+                    z,
                 )
                 if m < margin:
                     xs, ys, method, margin = two.grid, two.values, "shape", m
+                    share = two_share
     else:
         gx, gy, method = concave_l1_fit([x for x, _ in pts], [y for _, y in pts])
         xs, ys = list(gx), list(gy)
@@ -766,14 +874,25 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> Curve
         sx, sy, shape_sd = shape_fit.grid, shape_fit.values, shape_fit.sd
         # per-x share of the samples: what a free fit's value at one cap rests on
         per_x = len(pts) / distinct
-        sd = noise[0] if noise is not None else shape_sd
         free = Curve(*_simplify(*_dedupe([float(x) for x in xs], [float(y) for y in ys])))
-        # a concave curve through every sample leaves nothing to smooth away: keep it
+        # a concave curve through every sample leaves nothing to smooth away: keep it,
+        # unless the fleet's noise says the samples are noisier than that
         interpolates = all(abs(free.value(x) - y) <= 1e-9 * max(1.0, mean_y) for x, y in pts)
-        if mean_y > 0 and not interpolates and _shape_explains(shape_fit, noise, mean_y):
+        borrowed = interpolates and fleet_noise is not None and _pure_error(pts) is None
+        if borrowed:
+            assert fleet_noise is not None
+            noise = (fleet_noise[0] * mean_y, fleet_noise[1])
+        sd = noise[0] if noise is not None else shape_sd
+        testable = borrowed or not interpolates
+        if mean_y > 0 and testable and _shape_explains(shape_fit, noise, mean_y):
             xs, ys, method = sx, sy, "shape"
-            margin = _shape_margin(
-                shape_fit, max(sd, shape_sd), draw, _draw_se(job), job.allowed_slowdown, z
+            margin, share = _shape_margin(
+                shape_fit,
+                max(_moderated(noise, fleet_noise, mean_y) if noise else sd, shape_sd),
+                draw,
+                _draw_se(job),
+                job.allowed_slowdown,
+                z,
             )
         elif mean_y > 0:
             # the free fit's own residuals, with the effective degrees of freedom
@@ -788,32 +907,45 @@ def fit_job_curve(job: Job, gpus: Sequence[Gpu], z: float = SLOWDOWN_Z) -> Curve
             # stands in. Without replicates it is taken at face value: one mean
             # per cap cannot tell noise from a bend (neighbour differences read
             # a knee as noise, and the agent's per-cap means are nearly exact).
-            if interpolates or dof <= 0:
+            if borrowed:
+                free_sd = sd
+            elif interpolates or dof <= 0:
                 pure = _pure_error(pts)
                 free_sd = pure[0] if pure else 0.0
             else:
                 free_sd = math.sqrt(ss / dof)
             margin = z * free_sd / mean_y * math.sqrt(2.0 / per_x)
-    xs2, ys2 = _dedupe([float(x) for x in xs], [float(y) for y in ys])
-    curve = Curve(*_simplify(xs2, ys2))
-    if not curve.is_concave(1e-6):
-        # only the prior's zero clamp can bend it; re-fit the prior points as an LP
-        gx, gy, _ = concave_l1_fit(list(curve.x_w), list(curve.y))
-        curve = Curve(*_simplify(gx, gy))
-    rmse = None
-    if pts:
-        err = [curve.value(x) - y for x, y in pts]
-        rmse = float(math.sqrt(sum(e * e for e in err) / len(err)) / mean_y) if mean_y > 0 else None
+    curve = _concave_curve(xs, ys)
     return CurveFit(
         curve=curve,
         method=method,
         n_samples=len(pts),
         n_distinct_caps=distinct,
-        rmse_rel=rmse,
+        rmse_rel=_rmse_rel(curve, pts),
         draw_w=float(draw),
         shape=shape,
         slowdown_margin=float(margin),
+        memory_share=share,
     )
+
+
+def _concave_curve(xs: Sequence[float], ys: Sequence[float]) -> Curve:
+    xs2, ys2 = _dedupe([float(x) for x in xs], [float(y) for y in ys])
+    curve = Curve(*_simplify(xs2, ys2))
+    if not curve.is_concave(1e-6):
+        # only a prior shape's zero clamp can bend it; re-fit the points as an LP
+        gx, gy, _ = concave_l1_fit(list(curve.x_w), list(curve.y))
+        curve = Curve(*_simplify(gx, gy))
+    return curve
+
+
+def _rmse_rel(curve: Curve, pts: Sequence[tuple[float, float]]) -> float | None:
+    """RMSE over the samples relative to their mean throughput; None without."""
+    mean_y = sum(y for _, y in pts) / len(pts) if pts else 0.0
+    if mean_y <= 0:
+        return None
+    err = [curve.value(x) - y for x, y in pts]
+    return float(math.sqrt(sum(e * e for e in err) / len(err)) / mean_y)
 
 
 def _dedupe(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
@@ -828,14 +960,144 @@ def _dedupe(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]
     return ox, oy
 
 
-def fit_curves(problem: Problem) -> dict[str, CurveFit]:
+@dataclass(frozen=True)
+class FleetShare:
+    """The memory-bound share across one group of a fleet's jobs.
+
+    A normal random-effects model: each job's share is drawn from
+    ``N(mean, spread²)``, and its two-shape fit measures it with its own SD.
+    ``spread`` is the between-job SD beyond what the fits' own noise explains,
+    so it also carries how far the true curves stray from the two-shape model.
+    """
+
+    mean: float
+    spread: float
+    mean_se: float
+    n_fits: int
+
+    @property
+    def predictive_sd(self) -> float:
+        """SD of a new job's share: the spread and the mean's own error."""
+        return math.sqrt(self.spread**2 + self.mean_se**2)
+
+    def posterior(self, w: float, w_sd: float) -> tuple[float, float]:
+        """One job's share given its own fit and the fleet's: the precision-weighted mean."""
+        prior_var = self.predictive_sd**2
+        if not math.isfinite(w_sd):
+            return self.mean, self.predictive_sd
+        if w_sd <= 0.0:
+            return w, 0.0
+        var = 1.0 / (1.0 / w_sd**2 + 1.0 / prior_var)
+        return var * (w / w_sd**2 + self.mean / prior_var), math.sqrt(var)
+
+
+def fleet_share(shares: Sequence[tuple[float, float]]) -> FleetShare | None:
+    """The random-effects estimate (DerSimonian and Laird, 1986) over ``(w, SD)`` per fit.
+
+    None with fewer than ``FLEET_MIN_FITS`` fits whose SD is finite: too few
+    to say how far jobs differ.
+    """
+    ok = [(w, max(sd, 1e-6)) for w, sd in shares if math.isfinite(sd)]
+    if len(ok) < FLEET_MIN_FITS:
+        return None
+    w = np.array([x for x, _ in ok])
+    prec = 1.0 / np.array([sd for _, sd in ok]) ** 2
+    fixed = float(prec @ w / prec.sum())
+    q = float(prec @ (w - fixed) ** 2)
+    denom = float(prec.sum() - (prec @ prec) / prec.sum())
+    tau2 = max(0.0, (q - (len(ok) - 1)) / denom) if denom > 0 else 0.0
+    prec_re = 1.0 / (1.0 / prec + tau2)
+    mean = float(prec_re @ w / prec_re.sum())
+    return FleetShare(mean, math.sqrt(tau2), math.sqrt(1.0 / float(prec_re.sum())), len(ok))
+
+
+def _fleet_group(fit: CurveFit, gpus: Sequence[Gpu]) -> tuple[str, bool]:
+    """Jobs that pool their shapes: one GPU model, and alike in how much of
+    their power limit they use (the line the evidence rule draws, ``_choose_shape``)."""
+    default_w = max(g.default_w for g in gpus)
+    return gpus[0].model, fit.draw_w <= MEMORY_BOUND_DRAW_SHARE * default_w
+
+
+def _pooled_fit(
+    job: Job, gpus: Sequence[Gpu], fit: CurveFit, w: float, w_sd: float, jitter: float, z: float
+) -> CurveFit:
+    """``fit`` redone as the mix with memory-bound share ``w`` (SD ``w_sd``),
+    scaled to the samples."""
+    lo = min(g.min_w for g in gpus)
+    hi = max(g.max_w for g in gpus)
+    pts, _ = _aggregate_points(job)
+    fc = _shape_fn(PRIOR_COMPUTE_BOUND, fit.draw_w)
+    fm = _shape_fn(PRIOR_MEMORY_BOUND, fit.draw_w)
+
+    def mix(x: float) -> float:
+        return (1.0 - w) * fc(x) + w * fm(x)
+
+    den = sum(mix(x) ** 2 for x, _ in pts)
+    level = sum(y * mix(x) for x, y in pts) / den if den > 0 else 1.0
+    grid = _mix_grid(fit.draw_w, lo, hi)
+    curve = _concave_curve(grid, [level * mix(x) for x in grid])
+    margin = _share_margin(w, w_sd, fit.draw_w, _draw_se(job, jitter), job.allowed_slowdown, z)
+    return dataclasses.replace(
+        fit,
+        curve=curve,
+        method="shape" if fit.method == "shape" else "fleet",
+        rmse_rel=_rmse_rel(curve, pts),
+        shape="memory" if w >= 0.5 else "compute",
+        slowdown_margin=margin,
+        memory_share=(w, w_sd),
+    )
+
+
+def _pool(
+    problem: Problem, fits: dict[str, CurveFit], distinct: Sequence[CurveFit], z: float
+) -> dict[str, CurveFit]:
+    """Fleet pooling: every two-shape or prior fit borrows strength from its group.
+
+    Fleets run many jobs of a kind, and a job seen at few caps says little
+    about its shape alone. Per group (``_fleet_group``) with at least
+    ``FLEET_MIN_FITS`` two-shape fits, a random-effects model of their shares
+    (``fleet_share``) replaces a prior job's fixed shape with the group's
+    predictive distribution, and a two-shape job's share with its posterior.
+    The margin's bound then holds over the group's jobs (empirical Bayes) at
+    the objective's confidence. ``distinct`` is one fit per distinct sample
+    set, so replicas of one job do not count as many.
+    """
+    gpus = {job.id: [problem.gpu(g) for g in job.gpus] for job in problem.jobs}
+    members: dict[int, tuple[str, bool]] = {}
+    for job in problem.jobs:
+        members.setdefault(id(fits[job.id]), _fleet_group(fits[job.id], gpus[job.id]))
+    by_group: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for f in distinct:
+        if f.method == "shape" and f.memory_share is not None:
+            by_group.setdefault(members[id(f)], []).append(f.memory_share)
+    shares = {g: fleet_share(v) for g, v in by_group.items()}
+    jitter = _fleet_jitter(problem.jobs)
+    out = dict(fits)
+    for job in problem.jobs:
+        f = fits[job.id]
+        share = shares.get(members[id(f)])
+        if share is None:
+            continue
+        if f.method == "shape" and f.memory_share is not None:
+            w, w_sd = share.posterior(*f.memory_share)
+        elif f.method == "prior":
+            w, w_sd = share.mean, share.predictive_sd
+        else:
+            continue
+        out[job.id] = _pooled_fit(job, gpus[job.id], f, w, w_sd, jitter, z)
+    return out
+
+
+def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
     """A fitted curve for every job, by job id.
 
     Jobs with identical samples on the same GPU models and cap ranges share
     one fit (fleets run many replicas of one job). The slowdown margins hold
-    with the problem's ``objective.slowdown_confidence``.
+    with the problem's ``objective.slowdown_confidence``. With ``pool``,
+    jobs of a kind pool their shapes across the fleet (``_pool``).
     """
     z = float(norm.ppf(problem.objective.slowdown_confidence))
+    noise = _fleet_noise(problem.jobs) if pool else None
     out: dict[str, CurveFit] = {}
     cache: dict[tuple[object, ...], CurveFit] = {}
     for job in problem.jobs:
@@ -850,10 +1112,10 @@ def fit_curves(problem: Problem) -> dict[str, CurveFit]:
         )
         fit = cache.get(key)
         if fit is None:
-            fit = fit_job_curve(job, gs, z)
+            fit = fit_job_curve(job, gs, z, noise)
             cache[key] = fit
         out[job.id] = fit
-    return out
+    return _pool(problem, out, list(cache.values()), z) if pool else out
 
 
 __all__ = [
@@ -863,9 +1125,11 @@ __all__ = [
     "PRIOR_MEMORY_BOUND",
     "Curve",
     "CurveFit",
+    "FleetShare",
     "Segment",
     "concave_l1_fit",
     "fit_curves",
     "fit_job_curve",
+    "fleet_share",
     "prior_for_model",
 ]
