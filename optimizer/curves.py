@@ -391,25 +391,34 @@ def _extend_below(
     return grid, out_y
 
 
-def _unheld(job: Job) -> list[bool]:
+def _unheld(job: Job, default_w: float = math.inf) -> list[bool]:
     """Per sample, whether it saw the job's unconstrained draw (no cap held it).
 
     A reading below ``POWER_LIMITED_SHARE`` of its cap was not held by it, so
     it is the draw, unless another sample drew more than the readings'
     jitter explains (below ``DRAW_SPREAD_SHARE`` of the highest: no cap makes
     a job draw more than it wants): then it was a held sample whose reading
-    dipped, and taking it as the draw would end the curve there.
+    dipped, and taking it as the draw would end the curve there. A reading at
+    the GPUs' default cap (``default_w``) is the draw whatever it reads: that is
+    the operating point slowdowns are measured from, and a job held there
+    reads the cap itself.
     """
     top = max((s.power_w for s in job.samples if s.power_w is not None), default=0.0)
     return [
         s.power_w is not None
-        and (s.cap_w is None or s.power_w < POWER_LIMITED_SHARE * s.cap_w)
+        and (
+            s.cap_w is None
+            or s.power_w < POWER_LIMITED_SHARE * s.cap_w
+            or s.cap_w >= default_w - _EPS
+        )
         and (s.cap_w is None or s.power_w >= DRAW_SPREAD_SHARE * top)
         for s in job.samples
     ]
 
 
-def _aggregate_points(job: Job) -> tuple[list[tuple[float, float]], float | None]:
+def _aggregate_points(
+    job: Job, default_w: float = math.inf
+) -> tuple[list[tuple[float, float]], float | None]:
     """Fitting points and the measured unconstrained draw (None if never seen).
 
     Samples the cap did not hold all observe the same operating point, the
@@ -417,7 +426,7 @@ def _aggregate_points(job: Job) -> tuple[list[tuple[float, float]], float | None
     median of their power (which is also the draw), so that jitter does not
     pose as distinct caps. Samples held by a cap keep the cap as x.
     """
-    unheld = _unheld(job)
+    unheld = _unheld(job, default_w)
     free_w = [
         s.power_w for s, u in zip(job.samples, unheld, strict=True) if u and s.power_w is not None
     ]
@@ -601,11 +610,11 @@ def _shape_explains(fit: _ShapeFit, noise: tuple[float, int] | None, mean_y: flo
     return bool((fit.sd / noise[0]) ** 2 <= f_dist.ppf(SHAPE_TEST_LEVEL, fit.dof, noise[1]))
 
 
-def _readings(job: Job) -> tuple[list[float], list[float]]:
+def _readings(job: Job, default_w: float = math.inf) -> tuple[list[float], list[float]]:
     """The job's power readings the cap did not hold (W), and those it held (as a share of it)."""
     free: list[float] = []
     held: list[float] = []
-    for s, unheld in zip(job.samples, _unheld(job), strict=True):
+    for s, unheld in zip(job.samples, _unheld(job, default_w), strict=True):
         if unheld:
             assert s.power_w is not None
             free.append(s.power_w)
@@ -614,13 +623,13 @@ def _readings(job: Job) -> tuple[list[float], list[float]]:
     return free, held
 
 
-def _draw_se(job: Job, fleet_jitter: float = 0.0) -> float:
+def _draw_se(job: Job, fleet_jitter: float = 0.0, default_w: float = math.inf) -> float:
     """Standard error (W) of the unconstrained draw: the spread of the power
     readings the cap did not hold, over their square root; with fewer than two
     of them, the relative jitter of the readings the cap did hold (same
     sensor), else the fleet's (``fleet_jitter``, ``_fleet_jitter``): one reading
     does not show its own noise, and taking none would read it as exact."""
-    free, held = _readings(job)
+    free, held = _readings(job, default_w)
     if len(free) >= 2:
         return float(np.std(free, ddof=1) / math.sqrt(len(free)))
     if free and len(held) >= 2:
@@ -648,8 +657,8 @@ def _fleet_noise(jobs: Sequence[Job]) -> tuple[float, int] | None:
 
 
 def _moderated(
-    noise: tuple[float, int], fleet_noise: tuple[float, int] | None, mean_y: float
-) -> float:
+    noise: tuple[float, int] | None, fleet_noise: tuple[float, int] | None, mean_y: float
+) -> tuple[float, int] | None:
     """The job's noise SD moderated toward the fleet's (relative, ``fleet_noise``).
 
     A job's own estimate rests on a few degrees of freedom and is at times
@@ -657,11 +666,11 @@ def _moderated(
     stands in for ``FLEET_NOISE_PRIOR_DOF`` more degrees of freedom (the
     moderated variance of Smyth, 2004).
     """
-    if fleet_noise is None:
-        return noise[0]
+    if fleet_noise is None or noise is None:
+        return noise
     d0 = FLEET_NOISE_PRIOR_DOF
     var = (d0 * (fleet_noise[0] * mean_y) ** 2 + noise[1] * noise[0] ** 2) / (d0 + noise[1])
-    return math.sqrt(var)
+    return math.sqrt(var), noise[1] + d0
 
 
 def _fleet_jitter(jobs: Sequence[Job]) -> float:
@@ -807,7 +816,7 @@ def fit_job_curve(
     lo = min(g.min_w for g in gpus)
     hi = max(g.max_w for g in gpus)
     default_w = max(g.default_w for g in gpus)
-    pts, free_draw = _aggregate_points(job)
+    pts, free_draw = _aggregate_points(job, default_w)
     measured = [s.power_w for s in job.samples if s.power_w is not None]
     if free_draw is None and measured:
         # every measured sample was held by its cap: the job wants at least the
@@ -816,8 +825,8 @@ def fit_job_curve(
         free_draw = max(default_w, *(x for x, _ in pts))
     distinct = len({round(x, 6) for x, _ in pts})
     shape = _choose_shape(pts, free_draw, default_w, gpus[0].model)
-    noise = _noise_sd(pts)
     mean_y = sum(y for _, y in pts) / len(pts) if pts else 0.0
+    noise = _moderated(_noise_sd(pts), fleet_noise, mean_y)
     margin = PRIOR_SLOWDOWN_MARGIN
     share: tuple[float, float] | None = None
     if distinct < MIN_DISTINCT_CAPS:
@@ -835,9 +844,9 @@ def fit_job_curve(
             if _shape_explains(two, noise, mean_y):
                 m, two_share = _shape_margin(
                     two,
-                    max(_moderated(noise, fleet_noise, mean_y), two.sd),
+                    max(noise[0], two.sd),
                     draw,
-                    _draw_se(job),
+                    _draw_se(job, default_w=default_w),
                     job.allowed_slowdown,
                     z,
                 )
@@ -888,9 +897,9 @@ def fit_job_curve(
             xs, ys, method = sx, sy, "shape"
             margin, share = _shape_margin(
                 shape_fit,
-                max(_moderated(noise, fleet_noise, mean_y) if noise else sd, shape_sd),
+                max(sd, shape_sd),
                 draw,
-                _draw_se(job),
+                _draw_se(job, default_w=default_w),
                 job.allowed_slowdown,
                 z,
             )
@@ -1025,7 +1034,7 @@ def _pooled_fit(
     scaled to the samples."""
     lo = min(g.min_w for g in gpus)
     hi = max(g.max_w for g in gpus)
-    pts, _ = _aggregate_points(job)
+    pts, _ = _aggregate_points(job, max(g.default_w for g in gpus))
     fc = _shape_fn(PRIOR_COMPUTE_BOUND, fit.draw_w)
     fm = _shape_fn(PRIOR_MEMORY_BOUND, fit.draw_w)
 
@@ -1036,7 +1045,14 @@ def _pooled_fit(
     level = sum(y * mix(x) for x, y in pts) / den if den > 0 else 1.0
     grid = _mix_grid(fit.draw_w, lo, hi)
     curve = _concave_curve(grid, [level * mix(x) for x in grid])
-    margin = _share_margin(w, w_sd, fit.draw_w, _draw_se(job, jitter), job.allowed_slowdown, z)
+    margin = _share_margin(
+        w,
+        w_sd,
+        fit.draw_w,
+        _draw_se(job, jitter, max(g.default_w for g in gpus)),
+        job.allowed_slowdown,
+        z,
+    )
     return dataclasses.replace(
         fit,
         curve=curve,
