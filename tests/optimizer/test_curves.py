@@ -17,6 +17,7 @@ from optimizer.curves import (
     prior_for_model,
 )
 from optimizer.problem import Gpu, Job, Sample
+from tests.optimizer.mixes import mixed_truth, noisy_samples
 
 H100 = Gpu("g0", "h", "NVIDIA H100 80GB HBM3", 200.0, 700.0, 700.0, 70.0, ())
 TRUE = Curve((200.0, 350.0, 500.0, 620.0, 700.0), (40.0, 70.0, 90.0, 100.0, 100.0))
@@ -193,26 +194,9 @@ def test_exact_data_carries_no_slowdown_margin() -> None:
     assert fit_job_curve(Job("j", ("g0",), samples), [H100]).slowdown_margin == 0.0
 
 
-def _mixed_truth(w: float, draw: float) -> Curve:
-    """A true curve inside the two-shape model: memory-bound share ``w``, flat above ``draw``."""
-    xs = np.linspace(200.0, draw, 40)
-    fc = np.interp(xs / draw, *zip(*PRIOR_COMPUTE_BOUND, strict=True))
-    fm = np.interp(xs / draw, *zip(*PRIOR_MEMORY_BOUND, strict=True))
-    ys = 100.0 * ((1 - w) * fc + w * fm)
-    return Curve((*xs, 700.0), (*ys, ys[-1]))
-
-
 def _noisy_job(truth: Curve, draw: float, rng: np.random.Generator, noise: float) -> Job:
     caps = rng.choice(np.arange(250.0, 701.0, 50.0), size=6, replace=False)
-    samples = tuple(
-        Sample(
-            throughput=truth.value(c) * (1 + rng.normal(0, noise)),
-            cap_w=float(c),
-            power_w=min(float(c), draw) * (1 + rng.normal(0, 0.01)),
-        )
-        for c in caps
-    )
-    return Job("j", ("g0",), samples, allowed_slowdown=0.05)
+    return Job("j", ("g0",), noisy_samples(truth, draw, caps, rng, noise), allowed_slowdown=0.05)
 
 
 def test_shape_margin_keeps_the_floor_on_the_true_curve_without_wasting_the_allowance() -> None:
@@ -222,7 +206,7 @@ def test_shape_margin_keeps_the_floor_on_the_true_curve_without_wasting_the_allo
     true_slow, margins = [], []
     for _ in range(300):
         w, draw = float(rng.uniform(0, 1)), float(rng.uniform(450, 690))
-        truth = _mixed_truth(w, draw)
+        truth = mixed_truth(w, draw)
         fit = fit_job_curve(_noisy_job(truth, draw, rng, 0.03), [H100])
         if fit.method != "shape":
             continue
@@ -242,16 +226,9 @@ def test_shape_margin_keeps_the_floor_on_the_true_curve_without_wasting_the_allo
 def test_slowdown_margin_vanishes_where_the_samples_pin_the_shape() -> None:
     rng = np.random.default_rng(5)
     draw = 600.0
-    truth = _mixed_truth(0.0, draw)
+    truth = mixed_truth(0.0, draw)
     caps = np.repeat([250.0, 300.0, 350.0, 400.0, 450.0, 500.0, 700.0], 6)
-    samples = tuple(
-        Sample(
-            throughput=truth.value(c) * (1 + rng.normal(0, 0.01)),
-            cap_w=float(c),
-            power_w=min(float(c), draw) * (1 + rng.normal(0, 0.005)),
-        )
-        for c in caps
-    )
+    samples = noisy_samples(truth, draw, caps, rng, 0.01, 0.005)
     tight = fit_job_curve(Job("j", ("g0",), samples, allowed_slowdown=0.05), [H100])
     assert tight.method == "shape" and tight.slowdown_margin < 0.005
     loose = fit_job_curve(Job("j", ("g0",), samples, allowed_slowdown=0.0), [H100])
@@ -324,7 +301,7 @@ def test_a_lower_slowdown_confidence_gives_smaller_margins() -> None:
     jobs, gpus = [], []
     for i in range(20):
         draw = float(rng.uniform(450, 690))
-        job = _noisy_job(_mixed_truth(float(rng.uniform(0, 1)), draw), draw, rng, 0.03)
+        job = _noisy_job(mixed_truth(float(rng.uniform(0, 1)), draw), draw, rng, 0.03)
         gpus.append(Gpu(f"g{i}", "h", "NVIDIA H100", 200.0, 700.0, 700.0, 70.0, ()))
         jobs.append(Job(f"j{i}", (f"g{i}",), job.samples, allowed_slowdown=0.05))
 
@@ -342,16 +319,11 @@ def test_a_job_capped_once_learns_its_mix_from_repeated_readings() -> None:
     """Uncapped and at one cap, three run means each: enough for the two-shape
     model to see a memory-bound job, where the prior reads it pessimistically."""
     draw = 400.0
-    truth = _mixed_truth(1.0, draw)  # memory-bound
+    truth = mixed_truth(1.0, draw)  # memory-bound
     rng = np.random.default_rng(8)
-    samples = tuple(
-        Sample(
-            throughput=truth.value(c) * (1 + rng.normal(0, 0.005)),
-            cap_w=c,
-            power_w=min(c, draw) * (1 + rng.normal(0, 0.003)),
-        )
-        for c in (700.0, 700.0, 700.0, 240.0, 240.0, 240.0)  # 240 W = 0.6 of the draw
-    )
+    # 240 W = 0.6 of the draw
+    caps = (700.0, 700.0, 700.0, 240.0, 240.0, 240.0)
+    samples = noisy_samples(truth, draw, caps, rng, 0.005, 0.003)
     job = Job("j", ("g0",), samples, allowed_slowdown=0.05)
     fit = fit_job_curve(job, [H100])
     assert fit.n_distinct_caps == 2 and fit.method == "shape"

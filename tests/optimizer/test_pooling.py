@@ -11,8 +11,6 @@ import pytest
 from optimizer.curves import (
     FLEET_MIN_FITS,
     FLEET_NOISE_PRIOR_DOF,
-    PRIOR_COMPUTE_BOUND,
-    PRIOR_MEMORY_BOUND,
     Curve,
     CurveFit,
     _draw_se,
@@ -23,22 +21,11 @@ from optimizer.curves import (
     fleet_share,
 )
 from optimizer.problem import Gpu, Job, Objective, Problem, Sample
+from tests.optimizer.mixes import mixed_truth, noisy_samples
 
 
 def _gpu(i: int) -> Gpu:
     return Gpu(f"g{i}", "h", "NVIDIA H100", 200.0, 700.0, 700.0, 70.0, ())
-
-
-def _truth(w: float, draw: float) -> Curve:
-    xs = np.linspace(200.0, draw, 40)
-    fc = np.interp(
-        xs / draw, [u for u, _ in PRIOR_COMPUTE_BOUND], [r for _, r in PRIOR_COMPUTE_BOUND]
-    )
-    fm = np.interp(
-        xs / draw, [u for u, _ in PRIOR_MEMORY_BOUND], [r for _, r in PRIOR_MEMORY_BOUND]
-    )
-    ys = 100.0 * ((1 - w) * fc + w * fm)
-    return Curve((*xs, 700.0), (*ys, ys[-1]))
 
 
 def _fleet(seed: int, n_seen: int, n_unseen: int) -> tuple[Problem, dict[str, Curve]]:
@@ -49,19 +36,12 @@ def _fleet(seed: int, n_seen: int, n_unseen: int) -> tuple[Problem, dict[str, Cu
     for i in range(n_seen + n_unseen):
         w = float(np.clip(rng.normal(0.7, 0.05), 0, 1))
         draw = float(rng.uniform(300, 450))
-        t = _truth(w, draw)
+        t = mixed_truth(w, draw)
         if i < n_seen:
             caps = rng.choice(np.arange(250.0, 701.0, 50.0), size=4, replace=False)
         else:
             caps = np.array([700.0])
-        samples = tuple(
-            Sample(
-                throughput=t.value(c) * (1 + rng.normal(0, 0.03)),
-                cap_w=float(c),
-                power_w=min(float(c), draw) * (1 + rng.normal(0, 0.01)),
-            )
-            for c in caps
-        )
+        samples = noisy_samples(t, draw, caps, rng, 0.03)
         gpus.append(_gpu(i))
         jobs.append(Job(f"j{i}", (f"g{i}",), samples, allowed_slowdown=0.05))
         truth[f"j{i}"] = t
