@@ -100,7 +100,7 @@ PRIOR_SLOWDOWN_MARGIN: Final = 0.01
 # distinct two-shape fits before their spread says how far its jobs differ.
 FLEET_MIN_FITS: Final = 8
 # How many degrees of freedom the fleet's noise estimate counts for against a
-# job's own when the two are pooled for its margin (``_moderated``).
+# job's own when the two are pooled (``_moderated``).
 FLEET_NOISE_PRIOR_DOF: Final = 4
 
 
@@ -662,7 +662,8 @@ def _moderated(
     """The job's noise SD moderated toward the fleet's (relative, ``fleet_noise``).
 
     A job's own estimate rests on a few degrees of freedom and is at times
-    far too small by chance; its margin would then be too. The fleet's
+    far too small by chance; its F test and margin would then be too strict
+    and too small. The fleet's
     stands in for ``FLEET_NOISE_PRIOR_DOF`` more degrees of freedom (the
     moderated variance of Smyth, 2004).
     """
@@ -803,8 +804,9 @@ def fit_job_curve(
     """Fit one job's curve over the cap range of its GPUs; ``gpus`` are the job's GPUs.
 
     ``z`` sets the one-sided confidence of the slowdown margin (1.645: 95 %).
-    ``fleet_noise`` (relative SD, degrees of freedom; ``_fleet_noise``) stands
-    in for the job's own noise where it has no replicates to show it.
+    ``fleet_noise`` (relative SD, degrees of freedom; ``_fleet_noise``)
+    moderates the job's own noise estimate, and stands in for it where a fit
+    through every sample has no replicates to show it.
 
     * Fewer than ``MIN_DISTINCT_CAPS`` distinct x: the prior shape the
       evidence picks (``_choose_shape``), scaled to the samples; with two x
