@@ -13,7 +13,9 @@ concave regression solved as a small LP with HiGHS (robust to the odd outlier
 sample); with fewer than three distinct caps it falls back to the prior shape
 the evidence picks, scaled to what was observed. Every fit carries a slowdown
 margin that the capping model takes off the job's allowance, so floors hold
-on the true curve (see ``docs/problem-format.md``).
+on the true curve (see ``docs/problem-format.md``). Over a whole problem,
+jobs of a kind pool their shapes and noise (``fit_curves``): a fleet measures
+what a job seen at a few caps cannot.
 """
 
 from __future__ import annotations
