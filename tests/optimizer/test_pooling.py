@@ -15,6 +15,7 @@ from optimizer.curves import (
     CurveFit,
     _draw_se,
     _fleet_jitter,
+    _fleet_noise,
     _moderated,
     fit_curves,
     fit_job_curve,
@@ -148,3 +149,36 @@ def test_a_reading_at_the_default_cap_is_the_draw_even_close_to_it() -> None:
     )
     fit = fit_job_curve(Job("j", ("g0",), samples), [_gpu(0)])
     assert fit.draw_w == pytest.approx(686.0)
+
+
+def test_the_fleets_noise_is_the_pooled_relative_spread_of_replicates() -> None:
+    jobs = [
+        Job(
+            f"r{i}",
+            (f"g{i}",),
+            tuple(Sample(throughput=y, cap_w=300.0, power_w=300.0) for y in (97.0, 103.0)),
+        )
+        for i in range(FLEET_MIN_FITS)
+    ]
+    noise = _fleet_noise(jobs)
+    # each pair: (0.03² + 0.03²) over 1 degree of freedom
+    assert noise is not None and noise[1] == FLEET_MIN_FITS
+    assert noise[0] == pytest.approx(math.sqrt(2 * 0.03**2))
+    assert _fleet_noise(jobs[:-1]) is None  # too few degrees of freedom to trust
+
+
+def test_a_fit_through_every_sample_is_judged_by_the_fleets_noise() -> None:
+    """Alone, concave samples without replicates are taken at face value; in a
+    fleet whose replicates show 3 % noise, the two-shape model explains them."""
+    p, _ = _fleet(6, n_seen=30, n_unseen=0)
+    truth = mixed_truth(0.0, 650.0)
+    rng = np.random.default_rng(2)
+    lone = Job(
+        "lone",
+        ("g99",),
+        noisy_samples(truth, 650.0, (300.0, 400.0, 500.0, 600.0), rng, 0.02),
+        allowed_slowdown=0.05,
+    )
+    p = Problem((*p.gpus, _gpu(99)), (), (*p.jobs, lone), p.objective)
+    assert fit_curves(p, pool=False)["lone"].method == "exact"
+    assert fit_curves(p)["lone"].method == "shape"
