@@ -650,11 +650,11 @@ def _fleet_noise(jobs: Sequence[Job]) -> tuple[float, int] | None:
         by_x: dict[float, list[float]] = {}
         for x, y in _aggregate_points(job)[0]:
             by_x.setdefault(x, []).append(y)
-        for v in by_x.values():
-            a = np.asarray(v)
-            if len(a) >= 2 and a.mean() > 0:
-                ss += float(np.sum((a / a.mean() - 1.0) ** 2))
-                dof += len(a) - 1
+        job_ss, job_dof = _pure_ss(
+            {x: list(np.divide(v, np.mean(v))) for x, v in by_x.items() if np.mean(v) > 0}
+        )
+        ss += job_ss
+        dof += job_dof
     return (math.sqrt(ss / dof), dof) if dof >= FLEET_MIN_FITS else None
 
 
