@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
 from agent.devices.base import DeviceBackend
 from agent.notify import Notifier
@@ -48,7 +48,6 @@ from agent.sampler import Sampler
 from agent.selfstats import ErrorCounter, agent_point
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
-from dcenergy.lineprotocol import WriteResult
 from dcenergy.logonce import LogOnce
 
 if TYPE_CHECKING:
@@ -67,13 +66,6 @@ JOBS_SUBDIR = "jobs"
 RETENTION_INTERVAL_S = 3600.0
 SIGNAL_POLL_S = 0.2  # how soon the main thread notices SIGTERM/SIGINT
 DEFAULT_FLUSH_TIMEOUT_S = 15.0  # the unit's TimeoutStopSec= (30 s) leaves room for it
-
-
-class StoreSink(Protocol):
-    """What the daemon needs of a store: the shipper's sink, and closing it."""
-
-    def write_lines(self, body: bytes) -> WriteResult: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +89,7 @@ class AgentDaemon:
         self,
         config: Config,
         backend: DeviceBackend | None = None,
-        store: StoreSink | None = None,
+        store: Store | None = None,
         *,
         clock: Callable[[], int] = time.time_ns,
         notifier: Notifier | None = None,
@@ -121,7 +113,7 @@ class AgentDaemon:
         self._stop_hooks: list[Callable[[AgentDaemon], object]] = []
         self._scheduler: Any = None  # apscheduler has no type hints
         self._backend: DeviceBackend | None = None
-        self._store: StoreSink | None = None
+        self._store: Store | None = None
         self._spool: Spool | None = None
         self._shipper: Shipper | None = None
         self._host_collector: HostCollector | None = None
@@ -163,7 +155,7 @@ class AgentDaemon:
         self._stop_hooks.append(func)
 
     @property
-    def store(self) -> StoreSink:
+    def store(self) -> Store:
         if self._store is None:
             raise RuntimeError("the agent daemon is not started")
         return self._store
@@ -294,7 +286,7 @@ class AgentDaemon:
         rec = reconciler_from_config(
             self.config,
             self.backend.devices(),
-            cast("Store", self.store),  # InfluxStore or EmbeddedStore: both read
+            self.store,
             audit_sink=self._spool.put,  # audit records travel with the telemetry
             clock_ns=self._clock,
         )
@@ -558,7 +550,7 @@ def open_agent_backend(config: Config) -> DeviceBackend:
     return open_backend("nvml")
 
 
-def open_agent_store(config: Config) -> StoreSink:
+def open_agent_store(config: Config) -> Store:
     """The sink: InfluxDB when ``store.influx_url`` is set, else the embedded SQLite store."""
     from dcenergy.store.configured import open_configured_store
 

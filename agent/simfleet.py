@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from agent.devices.simulated import SimulatedBackend, SimulatedGpu
 from agent.jobs import JobResolver
@@ -39,8 +39,8 @@ from agent.spool import Spool
 from agent.throughput import ThroughputTracker
 from agent.workloads import JobKind, SimJob
 from dcenergy.config import ReconcilerConfig
-from dcenergy.lineprotocol import WriteResult
 from dcenergy.schema import Point
+from dcenergy.store.base import Store
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -53,22 +53,6 @@ PID_BASE: Final = 40_000
 _GIB: Final = 1024**3
 
 ProgressFn = Callable[[float, float], None]  # (virtual seconds done, virtual seconds asked)
-
-
-class FleetStore(Protocol):
-    """What the fleet needs of a store: the shipper's sink and the reconciler's reads."""
-
-    def write_lines(self, body: bytes) -> WriteResult: ...
-    def write(self, points: Sequence[Point]) -> None: ...
-    def read(
-        self,
-        measurement: str,
-        *,
-        start_ns: int,
-        end_ns: int | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> list[Point]: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +145,7 @@ class SimFleet:
         nodes: int = 4,
         gpus_per_node: int = 8,
         *,
-        store: FleetStore,
+        store: Store,
         state_root: Path,
         public_key: Ed25519PublicKey | None = None,
         reconciler_config: ReconcilerConfig | None = None,

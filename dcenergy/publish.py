@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from dcenergy.store.base import Store
 
-DEFAULT_LOOKBACK_S = 86_400.0
+DEFAULT_LOOKBACK_S = 86_400.0  # the longest plan lease an agent honours
 
 
 def _int(plan: Mapping[str, Any], name: str, source: str) -> int:
@@ -159,29 +159,22 @@ def publish(
 def fetch_latest_part(
     store: Store, host: str, now_ns: int, lookback_s: float = DEFAULT_LOOKBACK_S
 ) -> str | None:
-    """Payload of the newest part written for ``host`` (by point time, then seq), or None.
+    """Payload of the newest part written for ``host``, or None: one small query.
 
+    The store answers with the one newest point (``ORDER BY time DESC LIMIT 1``
+    on InfluxDB), so the poll costs the same whatever history the store holds.
     Unverified: the caller passes it to ``verify_part``. Points dated after
     ``now_ns`` are included, so that a future-dated part is seen and refused.
+    A part older than ``lookback_s`` is not seen; the agent then treats its host
+    as having no plan and restores its defaults when the lease it holds ends
+    (the safe direction), so the lookback is the longest lease honoured.
     """
-    points = store.read(
+    p = store.newest(
         schema.PLAN_PART.name,
-        start_ns=now_ns - int(lookback_s * 1e9),
-        end_ns=None,
         tags={schema.TAG_HOST: host},
+        start_ns=now_ns - int(lookback_s * 1e9),
     )
-    best: schema.Point | None = None
-    best_key: tuple[int, int] = (0, 0)
-    for p in points:
-        payload = p.fields.get("payload")
-        if not isinstance(payload, str):
-            continue
-        seq = p.fields.get("seq")
-        key = (p.time_ns, seq if isinstance(seq, int) and not isinstance(seq, bool) else 0)
-        if best is None or key > best_key:
-            best, best_key = p, key
-    if best is None:
+    if p is None:
         return None
-    payload = best.fields["payload"]
-    assert isinstance(payload, str)
-    return payload
+    payload = p.fields.get("payload")
+    return payload if isinstance(payload, str) else None

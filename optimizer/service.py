@@ -50,7 +50,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -59,9 +59,11 @@ from typing import TYPE_CHECKING, Any
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
 from dcenergy.files import write_private_atomic
+from dcenergy.phases import Phases
 from dcenergy.plan import SignedPart
 from dcenergy.publish import publish
 from optimizer.capping import solve_capping
+from optimizer.curves import CurveFit, fit_curves
 from optimizer.plan import Plan, make_plan, plan_to_json
 from optimizer.problem import Problem, parse_problem
 from optimizer.records import plan_points
@@ -173,22 +175,31 @@ class OptimizerService:
         now = self.clock() if now_ns is None else now_ns
         self.stats.runs_total += 1
         stage = "start"
+        phases = Phases()
         try:
             stage = "topology"
             topology = self._topology()
             stage = "snapshot"
-            problem = self._problem(topology, now)
+            with phases.phase("read"):
+                problem = self._problem(topology, now)
+            stage = "fit"
+            with phases.phase("fit"):
+                fits = fit_curves(problem)
             stage = "solve"
-            plan = self._solve(problem, now)
+            with phases.phase("solve"):
+                plan = self._solve(problem, fits, now)
             stage = "publish"
-            signed = self._publish(plan, now)
+            with phases.phase("publish"):
+                signed = self._publish(plan, now)
         except Exception as e:
             self._fail(stage, e, now, log_it=not raise_errors)
             if raise_errors:
                 raise
             return None
-        self._record(plan, problem, now)
-        self._keep_last(plan)
+        with phases.phase("record"):
+            self._record(plan, problem, now)
+            self._keep_last(plan)
+        phases.log(self.store.stats)
         if self.stats.consecutive_failures:
             log.info("optimizer recovered after %d failed runs", self.stats.consecutive_failures)
         self.stats.consecutive_failures = 0
@@ -223,8 +234,8 @@ class OptimizerService:
         )
         return parse_problem(doc, "<telemetry>")
 
-    def _solve(self, problem: Problem, now_ns: int) -> Plan:
-        result = solve_capping(problem, self.method)  # type: ignore[arg-type]
+    def _solve(self, problem: Problem, fits: Mapping[str, CurveFit], now_ns: int) -> Plan:
+        result = solve_capping(problem, self.method, fits=fits)  # type: ignore[arg-type]
         if not result.feasible:
             # Still published: best effort is the closest the fleet can get to its budgets.
             log.warning(

@@ -1,9 +1,15 @@
 """Build an optimizer problem from the telemetry store's recent window.
 
-The reader side of the data flow: ``gpu`` and ``job`` points of the last
-``window_s`` seconds plus the operator's topology become a problem document
-(the same JSON the ``optimize`` command reads), so everything downstream is
-the pure solver path and a snapshot can be saved and replayed.
+The reader side of the data flow: the store's aggregates of the last
+``window_s`` seconds of ``gpu`` and ``job`` telemetry plus the operator's
+topology become a problem document (the same JSON the ``optimize`` command
+reads), so everything downstream is the pure solver path and a snapshot can be
+saved and replayed.
+
+The store computes every aggregate (four queries; InfluxQL on InfluxDB, SQL on
+the embedded store): per GPU one summary row and its idle median, per job
+and host time-bucketed means with their reading counts. What is read grows
+with GPUs + jobs × buckets, never with raw rows or the sampling rate.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 from dcenergy import schema
 from dcenergy.config import OptimizerConfig
 from dcenergy.errors import DcenergyError
-from dcenergy.store.base import Store
+from dcenergy.store.base import Agg, AggregateQuery, AggRow, FieldFilter, Fn, Op, Store
 from optimizer.topology import Topology
 
 # Idle board power by model family (W), from vendor datasheets and common
@@ -30,6 +36,9 @@ _CAP_BUCKET_W = 5.0
 # pure error, the only noise estimate that a bend of the curve cannot inflate.
 _RUNS_PER_CAP = 3
 _MIN_RUN = 4
+# Job evidence is read as time-bucketed means: about this many buckets a window.
+_BUCKETS_PER_WINDOW = 40
+_MIN_BUCKET_S = 10.0
 
 
 class EmptyWindow(DcenergyError):
@@ -56,78 +65,177 @@ def _idle_guess(model: str, max_w: float) -> float:
     return round(0.1 * max_w, 1)
 
 
-def _summarise_gpus(points: Iterable[schema.Point]) -> list[_GpuSummary]:
-    by_uuid: dict[str, list[schema.Point]] = defaultdict(list)
-    for p in points:
-        if p.fields.get("lost") is True:
+def _gpu_queries(start_ns: int, end_ns: int) -> tuple[AggregateQuery, AggregateQuery]:
+    """Per GPU over the window: one summary row, and its median power while idle."""
+    by = (schema.TAG_GPU_UUID, schema.TAG_HOST, schema.TAG_GPU_MODEL)
+    summary = AggregateQuery(
+        schema.GPU.name,
+        (
+            Agg(Fn.MEAN, "power_w"),
+            Agg(Fn.LAST, "power_limit_min_w"),
+            Agg(Fn.LAST, "power_limit_max_w"),
+            Agg(Fn.LAST, "power_limit_default_w"),
+            Agg(Fn.LAST, "job_id"),
+        ),
+        start_ns,
+        end_ns,
+        by=by,
+    )
+    idle = AggregateQuery(
+        schema.GPU.name,
+        (Agg(Fn.MEDIAN, "power_w"),),
+        start_ns,
+        end_ns,
+        by=(schema.TAG_GPU_UUID,),
+        where=(FieldFilter("util_gpu_pct", Op.LT, _IDLE_UTIL_PCT),),
+    )
+    return summary, idle
+
+
+def _summarise_gpus(summary: Iterable[AggRow], idle: Iterable[AggRow]) -> list[_GpuSummary]:
+    idle_w = {
+        r.tags[schema.TAG_GPU_UUID]: float(r.values["median_power_w"])
+        for r in idle
+        if isinstance(r.values.get("median_power_w"), int | float)
+    }
+    out: dict[str, _GpuSummary] = {}
+    for r in summary:
+        uuid = r.tags.get(schema.TAG_GPU_UUID, "")
+        v = r.values
+        limits = [v.get(f"last_{k}") for k in ("power_limit_min_w", "power_limit_max_w")]
+        default = v.get("last_power_limit_default_w")
+        if not uuid or uuid in out:
             continue
-        by_uuid[p.tags.get(schema.TAG_GPU_UUID, "")].append(p)
-    out: list[_GpuSummary] = []
-    for uuid, pts in sorted(by_uuid.items()):
-        if not uuid:
-            continue
-        last = pts[-1].fields
-        needed = ("power_limit_min_w", "power_limit_max_w", "power_limit_default_w")
-        if any(not isinstance(last.get(k), int | float) for k in needed):
-            continue  # a GPU without readable limits cannot be capped
-        max_w = float(last["power_limit_max_w"])
-        powers = [float(p.fields["power_w"]) for p in pts if "power_w" in p.fields]
-        idle = [
-            float(p.fields["power_w"])
-            for p in pts
-            if "power_w" in p.fields and float(p.fields.get("util_gpu_pct", 100.0)) < _IDLE_UTIL_PCT
-        ]
-        model = pts[-1].tags.get(schema.TAG_GPU_MODEL, "unknown")
-        out.append(
-            _GpuSummary(
-                uuid=uuid,
-                host=pts[-1].tags.get(schema.TAG_HOST, ""),
-                model=model,
-                min_w=float(last["power_limit_min_w"]),
-                max_w=max_w,
-                default_w=float(last["power_limit_default_w"]),
-                current_w=statistics.fmean(powers) if powers else 0.0,
-                idle_w=min(statistics.median(idle), max_w) if idle else _idle_guess(model, max_w),
-                job_id=str(last.get("job_id", "")),
-            )
+        if not all(isinstance(x, int | float) for x in (*limits, default)):
+            continue  # a GPU without readable limits cannot be capped (also: lost all window)
+        model = r.tags.get(schema.TAG_GPU_MODEL) or "unknown"
+        max_w = float(v["last_power_limit_max_w"])
+        mean_w = v.get("mean_power_w")
+        out[uuid] = _GpuSummary(
+            uuid=uuid,
+            host=r.tags.get(schema.TAG_HOST, ""),
+            model=model,
+            min_w=float(v["last_power_limit_min_w"]),
+            max_w=max_w,
+            default_w=float(v["last_power_limit_default_w"]),
+            current_w=float(mean_w) if isinstance(mean_w, int | float) else 0.0,
+            idle_w=min(idle_w[uuid], max_w) if uuid in idle_w else _idle_guess(model, max_w),
+            job_id=str(v.get("last_job_id", "")),
         )
-    return out
+    return [out[u] for u in sorted(out)]
 
 
-def _job_samples(points: Iterable[schema.Point]) -> dict[str, dict[str, Any]]:
-    """Per job: its GPUs, unit, and (cap, throughput, power) samples bucketed by cap.
+def bucket_s(window_s: float) -> float:
+    """Time-bucket width for job evidence: about ``_BUCKETS_PER_WINDOW`` buckets, ≥ 10 s.
 
-    A job spread over several hosts reports per host; samples taken at the same
-    timestamp are summed (throughput) and averaged (cap) across hosts first.
+    Buckets are what crosses the wire (jobs × buckets rows, whatever the
+    sampling rate); each must still hold enough readings for a run mean.
     """
-    per_time: dict[str, dict[int, list[schema.Point]]] = defaultdict(lambda: defaultdict(list))
+    return max(_MIN_BUCKET_S, window_s / _BUCKETS_PER_WINDOW)
+
+
+def _job_queries(
+    start_ns: int, end_ns: int, every_s: float
+) -> tuple[AggregateQuery, AggregateQuery]:
+    """Per job and host: time-bucketed evidence, and the GPUs and unit it reported."""
+    by = (schema.TAG_JOB, schema.TAG_HOST)
+    evidence = AggregateQuery(
+        schema.JOB.name,
+        (
+            Agg(Fn.MEAN, "throughput"),
+            Agg(Fn.COUNT, "throughput"),
+            Agg(Fn.MEAN, "power_limit_w"),
+            Agg(Fn.MIN, "power_limit_w"),
+            Agg(Fn.MAX, "power_limit_w"),
+            Agg(Fn.MAX, "power_w"),
+        ),
+        start_ns,
+        end_ns,
+        by=by,
+        every_s=every_s,
+        where=(FieldFilter("throughput", Op.GE, 0.0),),
+    )
+    identity = AggregateQuery(
+        schema.JOB.name,
+        (Agg(Fn.LAST, "gpu_uuids"), Agg(Fn.LAST, "throughput_unit")),
+        start_ns,
+        end_ns,
+        by=by,
+    )
+    return evidence, identity
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """One job's evidence in one time bucket, summed over the hosts it runs on."""
+
+    cap_w: float
+    throughput: float  # mean rate of the whole job (host rates summed)
+    power_w: float  # highest per-GPU reading (host maxima summed over the job's GPUs)
+    readings: int
+
+
+def _job_samples(
+    evidence: Iterable[AggRow], identity: Iterable[AggRow]
+) -> dict[str, dict[str, Any]]:
+    """Per job: its GPUs, unit, and (cap, throughput, power) samples per distinct cap.
+
+    A bucket whose cap moved by more than ``_CAP_BUCKET_W`` (the reconciler
+    ramping) mixes two caps' readings and is left out, as is a bucket missing
+    one of the job's hosts (its summed rate would read low).
+    """
     gpus: dict[str, set[str]] = defaultdict(set)
     units: dict[str, str] = {}
-    for p in points:
-        job = p.tags.get(schema.TAG_JOB, "")
+    for r in identity:
+        job = r.tags.get(schema.TAG_JOB, "")
         if not job:
             continue
-        listed = str(p.fields.get("gpu_uuids", ""))
+        listed = str(r.values.get("last_gpu_uuids", ""))
         gpus[job].update(u for u in listed.split(",") if u)
-        if "throughput" in p.fields and "power_limit_w" in p.fields:
-            per_time[job][p.time_ns].append(p)
-            units[job] = str(p.fields.get("throughput_unit", "units"))
+        unit = r.values.get("last_throughput_unit")
+        if isinstance(unit, str) and unit:
+            units[job] = unit
+    per_bucket: dict[str, dict[int, list[Mapping[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    hosts: dict[str, set[str]] = defaultdict(set)
+    for r in evidence:
+        job = r.tags.get(schema.TAG_JOB, "")
+        if not job or r.time_ns is None or "mean_throughput" not in r.values:
+            continue
+        if "mean_power_limit_w" not in r.values:
+            continue
+        hosts[job].add(r.tags.get(schema.TAG_HOST, ""))
+        per_bucket[job][r.time_ns].append(r.values)
     jobs: dict[str, dict[str, Any]] = {}
     for job, uuids in gpus.items():
-        buckets: dict[float, list[tuple[float, float]]] = defaultdict(list)
-        for _, pts in sorted(per_time.get(job, {}).items()):
-            cap = statistics.fmean(float(p.fields["power_limit_w"]) for p in pts)
-            thr = sum(float(p.fields["throughput"]) for p in pts)
-            pw = sum(float(p.fields.get("power_w", 0.0)) for p in pts) / max(len(uuids), 1)
-            buckets[round(cap / _CAP_BUCKET_W) * _CAP_BUCKET_W].append((thr, pw))
+        n_hosts = len(hosts.get(job, ()))
+        by_cap: dict[float, list[_Bucket]] = defaultdict(list)
+        for _, vals in sorted(per_bucket.get(job, {}).items()):
+            if len(vals) < n_hosts:
+                continue
+            if any(
+                float(v["max_power_limit_w"]) - float(v["min_power_limit_w"]) > _CAP_BUCKET_W
+                for v in vals
+            ):
+                continue
+            cap = statistics.fmean(float(v["mean_power_limit_w"]) for v in vals)
+            b = _Bucket(
+                cap_w=cap,
+                throughput=sum(float(v["mean_throughput"]) for v in vals),
+                power_w=sum(float(v.get("max_power_w", 0.0)) for v in vals) / max(len(uuids), 1),
+                readings=min(int(v["count_throughput"]) for v in vals),
+            )
+            by_cap[round(cap / _CAP_BUCKET_W) * _CAP_BUCKET_W].append(b)
         samples = [
             {
                 "cap_w": cap,
-                "throughput": statistics.fmean(t for t, _ in run),
-                "power_w": max(pw for _, pw in run),
+                "throughput": sum(b.throughput * b.readings for b in run)
+                / sum(b.readings for b in run),
+                "power_w": max(b.power_w for b in run),
             }
-            for cap, vals in sorted(buckets.items())
-            for run in _runs(vals)
+            for cap, buckets in sorted(by_cap.items())
+            for run in _runs(buckets)
         ]
         jobs[job] = {
             "gpus": sorted(uuids),
@@ -137,16 +245,22 @@ def _job_samples(points: Iterable[schema.Point]) -> dict[str, dict[str, Any]]:
     return jobs
 
 
-def _runs(vals: list[tuple[float, float]]) -> list[list[tuple[float, float]]]:
-    """Time-ordered readings at one cap, split into up to ``_RUNS_PER_CAP`` consecutive runs."""
-    k = max(1, min(_RUNS_PER_CAP, len(vals) // _MIN_RUN))
-    size, extra = divmod(len(vals), k)
-    out, i = [], 0
-    for r in range(k):
-        n = size + (1 if r < extra else 0)
-        out.append(vals[i : i + n])
-        i += n
-    return out
+def _runs(buckets: list[_Bucket]) -> list[list[_Bucket]]:
+    """Time-ordered buckets at one cap, split into up to ``_RUNS_PER_CAP`` consecutive runs.
+
+    Runs hold about equal numbers of readings, each at least ``_MIN_RUN``
+    (where the cap has that many), so their spread is the readings' noise.
+    """
+    total = sum(b.readings for b in buckets)
+    k = max(1, min(_RUNS_PER_CAP, total // _MIN_RUN, len(buckets)))
+    out: list[list[_Bucket]] = [[] for _ in range(k)]
+    done = 0
+    for b in buckets:
+        # the run this bucket's middle reading falls in, by cumulative readings
+        r = min(k - 1, int((done + b.readings / 2) * k / total)) if total else 0
+        out[r].append(b)
+        done += b.readings
+    return [run for run in out if run]
 
 
 def objective_doc(o: OptimizerConfig, kind: str | None = None) -> dict[str, Any]:
@@ -170,16 +284,17 @@ def build_problem(
     allowed_slowdown: float,
 ) -> dict[str, Any]:
     """The problem document for the fleet as the store saw it in the last ``window_s``."""
-    start = now_ns - int(window_s * 1e9)
-    gpu_points = store.read(schema.GPU.name, start_ns=start, end_ns=now_ns + 1)
-    gpus = _summarise_gpus(gpu_points)
+    start, end = now_ns - int(window_s * 1e9), now_ns + 1
+    summary_q, idle_q = _gpu_queries(start, end)
+    gpus = _summarise_gpus(store.aggregate(summary_q), store.aggregate(idle_q))
     if not gpus:
         raise EmptyWindow(
             f"no GPU telemetry in the store for the last {window_s:g} s",
             hint="run the agent first (dcenergy agent run --simulate 8) or widen --window",
         )
     known = {g.uuid for g in gpus}
-    jobs = _job_samples(store.read(schema.JOB.name, start_ns=start, end_ns=now_ns + 1))
+    evidence_q, identity_q = _job_queries(start, end, bucket_s(window_s))
+    jobs = _job_samples(store.aggregate(evidence_q), store.aggregate(identity_q))
     used_domains: set[str] = set()
     gpu_docs = []
     for g in gpus:

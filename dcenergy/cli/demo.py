@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 from dcenergy import schema
 
 if TYPE_CHECKING:
-    from agent.simfleet import FleetStore, SimFleet
+    from agent.simfleet import SimFleet
     from dcenergy.config import Config
+    from dcenergy.store.base import Store
     from optimizer.topology import Topology
 
 Progress = Callable[[str], None]
+DEFAULT_STEP_S = 5.0  # the simulated agents' sampling step
 
 PROBE_LEVELS = (0.8, 0.65, 0.55, 0.45, 0.35)  # share of the max limit; 1.0 is the "before" phase
 SETTLED_STEPS = 2  # reconciler intervals of margin after the last expected change
@@ -53,7 +55,7 @@ class DemoOptions:
     probe_s: float = 300.0
     before_s: float = 600.0
     after_s: float = 600.0
-    step_s: float = 5.0
+    step_s: float = DEFAULT_STEP_S
     seed: int = 0
     facility_share: float = 0.75
     rack_share: float = 0.8
@@ -78,19 +80,35 @@ class Window:
 
 
 def measure(
-    store: FleetStore, start_ns: int, end_ns: int, topology: Topology | None = None
+    store: Store,
+    start_ns: int,
+    end_ns: int,
+    topology: Topology | None = None,
+    *,
+    every_s: float = DEFAULT_STEP_S,
 ) -> Window:
     """Mean and peak GPU power (fleet, host, domain) and mean job rates in [start, end).
 
-    All agents sample on one clock, so points with equal time form one fleet
-    snapshot; a domain's power is its hosts' GPU power plus its baseline.
+    The store sums per host (and per job) in buckets of one sampling step: all
+    agents sample on one clock, so a bucket is one fleet snapshot; a domain's
+    power is its hosts' GPU power plus its baseline.
     """
+    from dcenergy.store.base import Agg, AggregateQuery, Fn
+
     w = Window(start_ns, end_ns)
-    per_t: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for p in store.read(schema.GPU.name, start_ns=start_ns, end_ns=end_ns):
-        pw = p.fields.get("power_w")
-        if isinstance(pw, int | float):
-            per_t[p.time_ns][p.tags.get(schema.TAG_HOST, "")] += float(pw)
+    per_t: dict[int, dict[str, float]] = defaultdict(dict)
+    host_q = AggregateQuery(
+        schema.GPU.name,
+        (Agg(Fn.SUM, "power_w"),),
+        start_ns,
+        end_ns,
+        by=(schema.TAG_HOST,),
+        every_s=every_s,
+    )
+    for r in store.aggregate(host_q):
+        pw = r.values.get("sum_power_w")
+        if isinstance(pw, int | float) and r.time_ns is not None:
+            per_t[r.time_ns][r.tags[schema.TAG_HOST]] = float(pw)
     if per_t:
         snaps = list(per_t.values())
         w.samples = len(snaps)
@@ -107,19 +125,36 @@ def measure(
             for d, hs in sorted(members.items()):
                 series = [base[d] + sum(s.get(h, 0.0) for h in hs) for s in snaps]
                 w.domain_w[d], w.domain_peak_w[d] = statistics.fmean(series), max(series)
-    rates: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-    powers: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-    for p in store.read(schema.JOB.name, start_ns=start_ns, end_ns=end_ns):
-        job = p.tags.get(schema.TAG_JOB, "")
-        thr, pw = p.fields.get("throughput"), p.fields.get("power_w")
+    rates: dict[str, list[float]] = defaultdict(list)
+    powers: dict[str, list[float]] = defaultdict(list)
+    job_q = AggregateQuery(
+        schema.JOB.name,
+        (Agg(Fn.SUM, "throughput"), Agg(Fn.SUM, "power_w")),
+        start_ns,
+        end_ns,
+        by=(schema.TAG_JOB,),
+        every_s=every_s,
+    )
+    for r in store.aggregate(job_q):  # a job on several hosts: their rows summed
+        job = r.tags[schema.TAG_JOB]
+        thr, pw = r.values.get("sum_throughput"), r.values.get("sum_power_w")
         if not job or not isinstance(thr, int | float):
             continue
-        rates[job][p.time_ns] += float(thr)  # a job on several hosts: one row per host
+        rates[job].append(float(thr))
         if isinstance(pw, int | float):
-            powers[job][p.time_ns] += float(pw)
-        w.job_unit[job] = str(p.fields.get("throughput_unit", "units"))
-    w.job_rate = {j: statistics.fmean(v.values()) for j, v in sorted(rates.items())}
-    w.job_w = {j: statistics.fmean(v.values()) for j, v in sorted(powers.items())}
+            powers[job].append(float(pw))
+    unit_q = AggregateQuery(
+        schema.JOB.name,
+        (Agg(Fn.LAST, "throughput_unit"),),
+        start_ns,
+        end_ns,
+        by=(schema.TAG_JOB,),
+    )
+    for r in store.aggregate(unit_q):
+        if r.tags[schema.TAG_JOB] in rates:
+            w.job_unit[r.tags[schema.TAG_JOB]] = str(r.values.get("last_throughput_unit", "units"))
+    w.job_rate = {j: statistics.fmean(v) for j, v in sorted(rates.items())}
+    w.job_w = {j: statistics.fmean(v) for j, v in sorted(powers.items())}
     return w
 
 
@@ -240,7 +275,7 @@ def run_demo(
 
         progress("[3/4] plan: topology, problem from the store, solve, sign, publish")
         t = time.perf_counter()
-        uncapped = measure(store, before_start, before_end)
+        uncapped = measure(store, before_start, before_end, every_s=opts.step_s)
         topo_doc = demo_topology(uncapped.host_w, opts.facility_share, opts.rack_share)
         topo = parse_topology(topo_doc, "<demo topology>")
         objective = opts.objective or o.objective
@@ -276,8 +311,8 @@ def run_demo(
         end_ns = fleet.now_ns + 1
         phase("after", t)
 
-        before = measure(store, before_start, before_end, topo)
-        after = measure(store, published_ns + int(settle * 1e9), end_ns, topo)
+        before = measure(store, before_start, before_end, topo, every_s=opts.step_s)
+        after = measure(store, published_ns + int(settle * 1e9), end_ns, topo, every_s=opts.step_s)
         report = _report(
             cfg=cfg,
             fleet=fleet,
@@ -309,7 +344,7 @@ def _clock(fleet: SimFleet, total_s: float) -> str:
     return f"{done / 60:.0f}/{total_s / 60:.0f} min"
 
 
-def _audit(store: FleetStore, start_ns: int, end_ns: int, plan_id: str) -> dict[str, Any]:
+def _audit(store: Store, start_ns: int, end_ns: int, plan_id: str) -> dict[str, Any]:
     """The agents' audit records about this plan: counts by action and by clamp reason."""
     actions: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -331,15 +366,23 @@ def _audit(store: FleetStore, start_ns: int, end_ns: int, plan_id: str) -> dict[
 
 
 def _at_setpoint(
-    store: FleetStore, plan_json: Mapping[str, Any], end_ns: int, step_s: float
+    store: Store, plan_json: Mapping[str, Any], end_ns: int, step_s: float
 ) -> dict[str, int]:
     """How many planned GPUs the last telemetry shows enforcing their planned limit (±1 W)."""
-    latest: dict[str, float] = {}
-    start = end_ns - int(3 * step_s * 1e9)
-    for p in store.read(schema.GPU.name, start_ns=start, end_ns=end_ns):
-        enforced = p.fields.get("power_limit_enforced_w")
-        if isinstance(enforced, int | float):
-            latest[p.tags.get(schema.TAG_GPU_UUID, "")] = float(enforced)
+    from dcenergy.store.base import Agg, AggregateQuery, Fn
+
+    q = AggregateQuery(
+        schema.GPU.name,
+        (Agg(Fn.LAST, "power_limit_enforced_w"),),
+        end_ns - int(3 * step_s * 1e9),
+        end_ns,
+        by=(schema.TAG_GPU_UUID,),
+    )
+    latest = {
+        r.tags[schema.TAG_GPU_UUID]: float(r.values["last_power_limit_enforced_w"])
+        for r in store.aggregate(q)
+        if isinstance(r.values.get("last_power_limit_enforced_w"), int | float)
+    }
     sps = plan_json["setpoints"]
     ok = sum(1 for s in sps if abs(latest.get(s["gpu"], -1e9) - s["power_limit_w"]) <= 1.0)
     return {"setpoints": len(sps), "at_setpoint": ok}

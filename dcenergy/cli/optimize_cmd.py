@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dcenergy.cli.context import state
+from dcenergy.phases import Phases
 
 if TYPE_CHECKING:
     from optimizer.plan import Plan
@@ -36,19 +37,26 @@ def solve(
     ttl_s: float,
     raw: dict[str, Any] | None = None,
     source: str = "<problem>",
+    phases: Phases | None = None,
 ) -> Plan:
     """Capping (and consolidation when the problem has that section) → a plan."""
     from optimizer.capping import solve_capping
+    from optimizer.curves import fit_curves
     from optimizer.plan import make_plan
 
+    ph = phases or Phases()
     consolidation = None
     if raw is not None and isinstance(raw.get("consolidation"), dict):
         from optimizer.consolidation import parse_consolidation, solve_consolidation
 
-        cp = parse_consolidation(raw["consolidation"], source, prefix="consolidation")
-        consolidation = solve_consolidation(cp).to_json()
-    result = solve_capping(problem, method)  # type: ignore[arg-type]
-    return make_plan(problem, result, consolidation=consolidation, ttl_s=ttl_s)
+        with ph.phase("consolidate"):
+            cp = parse_consolidation(raw["consolidation"], source, prefix="consolidation")
+            consolidation = solve_consolidation(cp).to_json()
+    with ph.phase("fit"):
+        fits = fit_curves(problem)
+    with ph.phase("solve"):
+        result = solve_capping(problem, method, fits=fits)  # type: ignore[arg-type]
+        return make_plan(problem, result, consolidation=consolidation, ttl_s=ttl_s)
 
 
 def _emit(problem: Problem, plan: Plan, output: Path | None, as_json: bool) -> None:
@@ -155,25 +163,30 @@ def recommend(
             )
         topo = load_topology(path)
     store = open_configured_store(cfg)
+    phases = Phases()
     try:
-        doc = build_problem(
-            store,
-            topo,
-            now_ns=time.time_ns(),
-            window_s=o.window_s if window is None else window,
-            objective=objective_doc(o, objective.value if objective else None),
-            allowed_slowdown=slowdown,
-        )
-        if save_problem is not None:
-            save_problem.write_text(json.dumps(doc, indent=2) + "\n")
-        problem = parse_problem(doc, "<telemetry>")
-        plan = solve(problem, method.value, o.plan_ttl_s)
-        _emit(problem, plan, output, as_json)
+        with phases.phase("read"):
+            doc = build_problem(
+                store,
+                topo,
+                now_ns=time.time_ns(),
+                window_s=o.window_s if window is None else window,
+                objective=objective_doc(o, objective.value if objective else None),
+                allowed_slowdown=slowdown,
+            )
+            if save_problem is not None:
+                save_problem.write_text(json.dumps(doc, indent=2) + "\n")
+            problem = parse_problem(doc, "<telemetry>")
+        plan = solve(problem, method.value, o.plan_ttl_s, phases=phases)
+        with phases.phase("report"):
+            _emit(problem, plan, output, as_json)
         if apply:
             from dcenergy.cli.plan_cmd import publish_plan
             from optimizer.plan import plan_to_json
 
-            publish_plan(cfg, plan_to_json(plan), store=store, dry_run=False, problem=problem)
+            with phases.phase("publish"):
+                publish_plan(cfg, plan_to_json(plan), store=store, dry_run=False, problem=problem)
+        phases.log(store.stats)
     finally:
         store.close()
 

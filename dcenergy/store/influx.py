@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import gzip
+import json
 import re
 import ssl
 import time
@@ -26,10 +27,25 @@ from dcenergy.lineprotocol import (
     WriteOutcome,
     WriteResult,
     encode_many,
+    one_line,
 )
-from dcenergy.schema import FieldValue, Point
+from dcenergy.schema import MEASUREMENTS, FieldValue, Point
+from dcenergy.store.base import (
+    Agg,
+    AggregateQuery,
+    AggRow,
+    FieldFilter,
+    Fn,
+    ReadStats,
+    sort_rows,
+)
 
 GZIP_LEVEL = 1  # level 1 gets most of the size win for a fraction of the CPU of level 6
+# Rows per streamed document: big enough that JSON framing is noise, small enough
+# that one document of a raw read stays a few MB.
+DEFAULT_CHUNK_SIZE = 10_000
+
+_INFLUX_TYPE = {float: "float", int: "integer", bool: "boolean", str: "string"}
 
 _DROPPED = re.compile(r"dropped=(\d+)")
 _UNPARSEABLE = "unable to parse"
@@ -41,7 +57,10 @@ def _http_errors(what: str, url: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as e:
-        raise StoreUnavailable(f"{what}: {url} timed out ({type(e).__name__})") from e
+        raise StoreUnavailable(
+            f"{what}: {url} timed out ({type(e).__name__})",
+            hint="raise store.timeout_s, or read a shorter window (optimizer.window_s, --window)",
+        ) from e
     except httpx.TransportError as e:  # connect/read/write/protocol/proxy errors, TLS
         raise StoreUnavailable(f"{what}: cannot reach {url}: {e or type(e).__name__}") from e
     except httpx.HTTPError as e:  # e.g. a malformed URL: retrying will not help
@@ -102,6 +121,39 @@ def partial_dropped(message: str) -> int | None:
     return (int(m.group(1)) if m else 0) + unparseable
 
 
+def _literal(v: float | int | bool | str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return quote_string(v)
+    return repr(v)
+
+
+def _where(
+    start_ns: int, end_ns: int, tags: Mapping[str, str], fields: Sequence[FieldFilter]
+) -> str:
+    """A WHERE clause; every name and value in it goes through quote_ident/quote_string."""
+    parts = [f"time >= {int(start_ns)}", f"time < {int(end_ns)}"]
+    parts += [f"{quote_ident(k)} = {quote_string(v)}" for k, v in tags.items()]
+    parts += [f"{quote_ident(f.field)} {f.op.value} {_literal(f.value)}" for f in fields]
+    return " AND ".join(parts)
+
+
+def _influx_fn(a: Agg) -> str:
+    if a.fn is Fn.PERCENTILE:
+        return f"percentile({quote_ident(a.field)}, {a.q:g})"
+    return f"{a.fn.value}({quote_ident(a.field)})"
+
+
+def _result_kind(a: Agg, field_kind: str | None) -> str | None:
+    """The type an aggregate's value has (JSON loses float-vs-int): see the protocol docstring."""
+    if a.fn is Fn.COUNT:
+        return "integer"
+    if a.fn in (Fn.MEAN, Fn.MEDIAN):
+        return "float"
+    return field_kind
+
+
 def _coerce(kind: str | None, v: Any) -> FieldValue:
     """JSON loses float-vs-int (1.0 arrives as 1); the field's declared type restores it."""
     if kind == "float":
@@ -133,8 +185,11 @@ class InfluxStore:
         timeout_s: float = 10,
         create_database: bool = False,
         transport: httpx.BaseTransport | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.url = url.rstrip("/")
+        self.chunk_size = chunk_size
+        self.stats = ReadStats()
         self.database = database
         self.create_database = create_database
         headers = {"User-Agent": "dcenergy"}
@@ -245,67 +300,96 @@ class InfluxStore:
         self._query(f"CREATE DATABASE {quote_ident(self.database)}", with_db=False)
 
     # --- reading ------------------------------------------------------------------
+    #
+    # Every read is one InfluxQL statement sent with ``chunked=true``: the server
+    # streams the answer as newline-separated JSON documents of at most
+    # ``chunk_size`` rows, so memory stays bounded whatever the window, and a
+    # series may arrive split over several documents (``"partial": true``).
+    # InfluxQL used here is the subset InfluxDB 1.x, 2.x (v1 /query with DBRP) and
+    # 3 Core all document: SELECT with MEAN, SUM, COUNT, MIN, MAX, FIRST, LAST,
+    # MEDIAN, PERCENTILE; WHERE on time, tags and fields; GROUP BY tags and
+    # time(...) with fill(none); ORDER BY time DESC; LIMIT. No SLIMIT/SOFFSET
+    # (3 Core does not support them), no INTEGRAL (3 Core lacks it).
 
-    def _query(self, q: str, *, with_db: bool = True) -> list[dict[str, Any]]:
-        """Run one InfluxQL statement; return its series; raise StoreError on its error."""
-        params = {"q": q, "epoch": "ns"}
+    def _stream(self, q: str, *, what: str, with_db: bool = True) -> Iterator[dict[str, Any]]:
+        """The series pieces of one statement's answer, as the server streams them."""
+        params = {"q": q, "epoch": "ns", "chunked": "true", "chunk_size": str(self.chunk_size)}
         if with_db:
             params["db"] = self.database
-        with _http_errors("query", self.url):
-            r = self._client.post("/query", params=params)
-        if r.status_code >= 500:
-            raise StoreUnavailable(f"{self.url} answered {r.status_code}: {_server_message(r)}")
-        if r.status_code in (401, 403):
-            raise StoreError(
-                f"InfluxDB at {self.url} refused our credentials: {_server_message(r)}",
-                hint="check store.token_file, or store.username and store.password_file",
-            )
-        if r.status_code >= 400:
-            raise StoreError(f"query {q!r} failed ({r.status_code}): {_server_message(r)}")
-        try:
-            body = r.json()
-        except ValueError as e:
-            raise StoreError(f"query {q!r}: {self.url} sent no JSON") from e
-        results = body.get("results") or [{}]
-        res = results[0]
-        err = res.get("error") or body.get("error")
+        t0 = time.perf_counter()
+        rows = 0
+        with (
+            _http_errors(what, self.url),
+            self._client.stream("POST", "/query", params=params) as r,
+        ):
+            if r.status_code >= 400:
+                r.read()
+                self._raise_status(r, what)
+            try:
+                for line in r.iter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except ValueError as e:
+                        raise StoreError(
+                            f"{what}: {self.url} sent no JSON: {one_line(line)[:200]}",
+                            hint="is store.influx_url an InfluxDB (v1 /query API)?",
+                        ) from e
+                    for series in self._series_of(doc):
+                        rows += len(series.get("values") or ())
+                        yield series
+            finally:
+                self.stats.add(
+                    rows=rows, nbytes=r.num_bytes_downloaded, seconds=time.perf_counter() - t0
+                )
+
+    def _series_of(self, doc: Any) -> list[dict[str, Any]]:
+        if not isinstance(doc, dict):
+            raise StoreError(f"{self.url} answered a query with {type(doc).__name__}, not JSON")
+        results = doc.get("results") or [{}]
+        res = results[0] if isinstance(results, list) and results else {}
+        err = res.get("error") or doc.get("error")
         if err:
             if "database not found" in str(err):
                 raise StoreError(
                     f"database {self.database!r} not found on {self.url}",
                     hint=f"create it: CREATE DATABASE {quote_ident(self.database)}",
                 )
-            raise StoreError(f"query {q!r} failed: {err}")
+            raise StoreError(f"InfluxDB refused the query: {err}")
         series: list[dict[str, Any]] = res.get("series") or []
         return series
 
+    def _raise_status(self, r: httpx.Response, what: str) -> None:
+        msg = one_line(_server_message(r))[:300]
+        if r.status_code >= 500:
+            raise StoreUnavailable(f"{what}: {self.url} answered {r.status_code}: {msg}")
+        if r.status_code in (401, 403):
+            raise StoreError(
+                f"InfluxDB at {self.url} refused our credentials: {msg}",
+                hint="check store.token_file, or store.username and store.password_file",
+            )
+        raise StoreError(f"{what} failed ({r.status_code}): {msg}")
+
+    def _query(self, q: str, *, with_db: bool = True) -> list[dict[str, Any]]:
+        """Run one small InfluxQL statement (SHOW, CREATE) and return its series."""
+        return list(self._stream(q, what=f"query {q!r}", with_db=with_db))
+
     def field_types(self, measurement: str) -> dict[str, str]:
-        """Field name → InfluxDB type (float, integer, string, boolean) of a measurement."""
+        """Field name → InfluxDB type; from the schema when it declares the measurement."""
+        known = MEASUREMENTS.get(measurement)
+        if known is not None:
+            return {f.name: _INFLUX_TYPE[f.kind] for f in known.fields}
         out: dict[str, str] = {}
         for s in self._query(f"SHOW FIELD KEYS FROM {quote_ident(measurement)}"):
             for name, kind in s.get("values") or []:
                 out.setdefault(str(name), str(kind))
         return out
 
-    def read(
-        self,
-        measurement: str,
-        *,
-        start_ns: int,
-        end_ns: int | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> list[Point]:
-        """Points of one measurement in [start_ns, end_ns), tag-filtered, oldest first."""
-        types = self.field_types(measurement)
-        if not types:
-            return []
-        end = MAX_TIME_NS if end_ns is None else end_ns
-        where = [f"time >= {int(start_ns)}", f"time < {int(end)}"]
-        where += [f"{quote_ident(k)} = {quote_string(v)}" for k, v in (tags or {}).items()]
-        # every name and value in it went through quote_ident/quote_string
-        q = f"SELECT * FROM {quote_ident(measurement)} WHERE {' AND '.join(where)} GROUP BY *"  # noqa: S608
-        points: list[Point] = []
-        for s in self._query(q):
+    def _points(
+        self, q: str, measurement: str, types: Mapping[str, str], what: str
+    ) -> Iterator[Point]:
+        for s in self._stream(q, what=what):
             s_tags = {k: v for k, v in (s.get("tags") or {}).items() if v}
             cols: list[str] = s["columns"]
             for row in s.get("values") or []:
@@ -315,9 +399,74 @@ class InfluxStore:
                     if v is not None
                 }
                 if fields:
-                    points.append(Point(str(s["name"]), dict(s_tags), fields, int(row[0])))
+                    yield Point(measurement, dict(s_tags), fields, int(row[0]))
+
+    def read(
+        self,
+        measurement: str,
+        *,
+        start_ns: int,
+        end_ns: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> list[Point]:
+        """Raw points of one measurement in [start_ns, end_ns), tag-filtered, oldest first."""
+        types = self.field_types(measurement)
+        if not types:
+            return []
+        end = MAX_TIME_NS if end_ns is None else end_ns
+        where = _where(start_ns, end, tags or {}, ())
+        q = f"SELECT * FROM {quote_ident(measurement)} WHERE {where} GROUP BY *"  # noqa: S608
+        what = f"raw read of {measurement!r} over {(end - start_ns) / 1e9:g} s"
+        points = list(self._points(q, measurement, types, what))
         points.sort(key=lambda p: p.time_ns)
         return points
+
+    def newest(self, measurement: str, *, tags: Mapping[str, str], start_ns: int) -> Point | None:
+        """The newest matching point: ``ORDER BY time DESC LIMIT 1`` per series, one query."""
+        types = self.field_types(measurement)
+        if not types:
+            return None
+        where = _where(start_ns, MAX_TIME_NS, tags, ())
+        q = (
+            f"SELECT * FROM {quote_ident(measurement)} WHERE {where} "  # noqa: S608
+            "GROUP BY * ORDER BY time DESC LIMIT 1"
+        )
+        what = f"newest {measurement!r} of {dict(tags)}"
+        best: Point | None = None
+        for p in self._points(q, measurement, types, what):
+            if best is None or p.time_ns > best.time_ns:
+                best = p
+        return best
+
+    def aggregate(self, query: AggregateQuery) -> list[AggRow]:
+        """The server computes the aggregates; one statement, streamed in chunks."""
+        types = self.field_types(query.measurement)
+        select = ", ".join(f"{_influx_fn(a)} AS {quote_ident(a.alias)}" for a in query.aggs)
+        where = _where(query.start_ns, query.end_ns, query.tags, query.where)
+        group = [quote_ident(t) for t in query.by]
+        if query.every_s is not None:
+            group.append(f"time({round(query.every_s * 1000)}ms)")
+        q = f"SELECT {select} FROM {quote_ident(query.measurement)} WHERE {where}"  # noqa: S608
+        if group:
+            q += f" GROUP BY {', '.join(group)}"
+        if query.every_s is not None:
+            q += " fill(none)"
+        kinds = {a.alias: _result_kind(a, types.get(a.field)) for a in query.aggs}
+        rows: list[AggRow] = []
+        for s in self._stream(q, what=f"query {query.describe()}"):
+            s_tags = s.get("tags") or {}
+            tags = {t: str(s_tags.get(t) or "") for t in query.by}
+            cols: list[str] = s["columns"]
+            for row in s.get("values") or []:
+                values = {
+                    c: _coerce(kinds.get(c), v)
+                    for c, v in zip(cols[1:], row[1:], strict=True)
+                    if v is not None
+                }
+                if values:
+                    t = int(row[0]) if query.every_s is not None else None
+                    rows.append(AggRow(tags, t, values))
+        return sort_rows(rows, query.by)
 
     def ping(self) -> bool:
         """True when the server answers ``/ping``."""
