@@ -157,8 +157,7 @@ class ReadStats:
 
     def describe(self) -> str:
         return (
-            f"queries={self.queries} rows={self.rows} bytes={self.bytes} "
-            f"read_s={self.seconds:.3f}"
+            f"queries={self.queries} rows={self.rows} bytes={self.bytes} read_s={self.seconds:.3f}"
         )
 
 
@@ -184,9 +183,7 @@ class Store(Protocol):
         """The store computes the aggregates; rows sorted by group tags, then bucket time."""
         ...
 
-    def newest(
-        self, measurement: str, *, tags: Mapping[str, str], start_ns: int
-    ) -> Point | None:
+    def newest(self, measurement: str, *, tags: Mapping[str, str], start_ns: int) -> Point | None:
         """The newest point at or after ``start_ns`` matching ``tags`` (future ones included)."""
         ...
 

@@ -318,6 +318,7 @@ class InfluxStore:
             params["db"] = self.database
         t0 = time.perf_counter()
         rows = 0
+        chars = 0
         with (
             _http_errors(what, self.url),
             self._client.stream("POST", "/query", params=params) as r,
@@ -327,6 +328,7 @@ class InfluxStore:
                 self._raise_status(r, what)
             try:
                 for line in r.iter_lines():
+                    chars += len(line) + 1
                     if not line.strip():
                         continue
                     try:
@@ -340,9 +342,9 @@ class InfluxStore:
                         rows += len(series.get("values") or ())
                         yield series
             finally:
-                self.stats.add(
-                    rows=rows, nbytes=r.num_bytes_downloaded, seconds=time.perf_counter() - t0
-                )
+                # on the wire (compressed, when the server compresses), else as decoded
+                nbytes = r.num_bytes_downloaded or chars
+                self.stats.add(rows=rows, nbytes=nbytes, seconds=time.perf_counter() - t0)
 
     def _series_of(self, doc: Any) -> list[dict[str, Any]]:
         if not isinstance(doc, dict):
