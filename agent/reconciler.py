@@ -162,6 +162,7 @@ class Reconciler:
         self._last_key: dict[str, tuple[object, ...]] = {}
         self._lock = threading.RLock()  # the scheduler thread vs the shutdown path
         self.audit_errors_total = 0
+        self.polls_skipped_total = 0
 
     # --- public API -------------------------------------------------------------------------
     @property
@@ -177,7 +178,7 @@ class Reconciler:
         """One fetch → verify → clamp → apply → read back cycle; returns every record."""
         with self._lock:
             records: list[AuditRecord] = []
-            part = self._fetch_and_verify(now_ns, records)
+            part = None if self._poll_can_wait(now_ns) else self._fetch_and_verify(now_ns, records)
             if part is not None:
                 self._lease = part
             elif self._lease is not None and self._lease.expires_ns <= now_ns:
@@ -217,6 +218,21 @@ class Reconciler:
             return records
 
     # --- fetch and verify ---------------------------------------------------------------------
+    def _poll_can_wait(self, now_ns: int) -> bool:
+        """With ``poll_when_due``: the lease holds and its part says the next plan is not due.
+
+        The lease is still checked on every tick (its expiry needs no fetch), and
+        a fetch happens at the latest one interval before the lease would lapse.
+        """
+        lease = self._lease
+        if not self.config.poll_when_due or lease is None or lease.next_plan_ns is None:
+            return False
+        margin_ns = int(self.config.interval_s * 1e9)
+        if now_ns < lease.next_plan_ns and now_ns < lease.expires_ns - margin_ns:
+            self.polls_skipped_total += 1
+            return True
+        return False
+
     def _fetch_and_verify(self, now_ns: int, records: list[AuditRecord]) -> PlanPart | None:
         """This host's newest part if acceptable (new, or the one already in force)."""
         try:

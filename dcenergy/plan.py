@@ -103,6 +103,9 @@ class PlanPart:
     key_id: str
     setpoints: tuple[Setpoint, ...]
     mode: Mode = "power"
+    # When the optimizer means to publish the next plan: an agent configured to
+    # poll when due (reconciler.poll_when_due) skips fetches until then. Signed.
+    next_plan_ns: int | None = None
 
     def setpoint(self, gpu_uuid: str) -> Setpoint | None:
         return next((s for s in self.setpoints if s.gpu_uuid == gpu_uuid), None)
@@ -184,6 +187,8 @@ def part_to_dict(part: PlanPart) -> dict[str, Any]:
             }
             for s in sorted(part.setpoints, key=lambda s: s.gpu_uuid)
         ],
+        # only when set, so parts without it keep their canonical bytes
+        **({} if part.next_plan_ns is None else {"next_plan_ns": part.next_plan_ns}),
     }
 
 
@@ -403,6 +408,11 @@ def _decode_part(body: dict[str, Any]) -> PlanPart:
             )
         )
     mode = _get(body, "mode", str)
+    next_plan_ns = body.get("next_plan_ns")
+    if next_plan_ns is not None and (
+        isinstance(next_plan_ns, bool) or not isinstance(next_plan_ns, int)
+    ):
+        raise _malformed("next_plan_ns is not an integer")
     part = PlanPart(
         host=_get(body, "host", str),
         plan_id=_get(body, "plan_id", str),
@@ -412,6 +422,7 @@ def _decode_part(body: dict[str, Any]) -> PlanPart:
         key_id=_get(body, "key_id", str),
         setpoints=tuple(setpoints),
         mode=mode,
+        next_plan_ns=next_plan_ns,
     )
     try:
         _check_values(part, ValueError)

@@ -58,7 +58,11 @@ def _setpoint(raw: Any, i: int, source: str) -> tuple[str, Setpoint]:
 
 
 def split_plan(
-    plan: Mapping[str, Any], *, seq_from_ns: int, source: str = "<plan>"
+    plan: Mapping[str, Any],
+    *,
+    seq_from_ns: int,
+    source: str = "<plan>",
+    next_plan_ns: int | None = None,
 ) -> list[PlanPart]:
     """Validate ``plan`` and split it into one unsigned part per host (sorted by host).
 
@@ -108,6 +112,7 @@ def split_plan(
                 key_id="",
                 setpoints=sps,
                 mode=mode,
+                next_plan_ns=next_plan_ns,
             )
         )
     return parts
@@ -131,10 +136,12 @@ def sign_plan(
     *,
     last_seq: int = 0,
     source: str = "<plan>",
+    next_plan_ns: int | None = None,
 ) -> list[SignedPart]:
     """Split and sign without writing; ``seq = max(now_ns, last_seq + 1)``."""
     seq = max(now_ns, last_seq + 1)
-    return [sign_part(p, private_key) for p in split_plan(plan, seq_from_ns=seq, source=source)]
+    parts = split_plan(plan, seq_from_ns=seq, source=source, next_plan_ns=next_plan_ns)
+    return [sign_part(p, private_key) for p in parts]
 
 
 def publish(
@@ -145,13 +152,17 @@ def publish(
     *,
     last_seq: int = 0,
     source: str = "<plan>",
+    next_plan_ns: int | None = None,
 ) -> list[SignedPart]:
     """Sign every host's part and write them to ``store`` in one batch, stamped ``now_ns``.
 
     ``last_seq`` is the highest seq this publisher used before (0 if unknown):
     passing it keeps seqs increasing even if the clock stepped back.
+    ``next_plan_ns`` tells agents when the next plan is due (the service's next run).
     """
-    signed = sign_plan(plan, private_key, now_ns, last_seq=last_seq, source=source)
+    signed = sign_plan(
+        plan, private_key, now_ns, last_seq=last_seq, source=source, next_plan_ns=next_plan_ns
+    )
     store.write([part_point(s, now_ns) for s in signed])
     return signed
 

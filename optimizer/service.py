@@ -252,7 +252,15 @@ class OptimizerService:
         self._save_state(last_seq=seq)
         # The parts are stamped ``seq`` (= now_ns unless the clock stepped back): agents
         # fetch the newest part by point time, so that must rise with seq as well.
-        signed = publish(plan_to_json(plan), self.store, self.private_key, seq, last_seq=seq - 1)
+        next_plan_ns = now_ns + int(self.config.optimizer.interval_s * 1e9)
+        signed = publish(
+            plan_to_json(plan),
+            self.store,
+            self.private_key,
+            seq,
+            last_seq=seq - 1,
+            next_plan_ns=next_plan_ns,
+        )
         self._save_state(
             last_seq=seq,
             plan_id=plan.plan_id,

@@ -618,6 +618,11 @@ class FlakyStore:
             raise StoreUnavailable("down")
         return self.inner.read(measurement, **kw)
 
+    def newest(self, measurement: str, **kw: Any) -> schema.Point | None:
+        if self.down:
+            raise StoreUnavailable("down")
+        return self.inner.newest(measurement, **kw)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -661,3 +666,79 @@ def test_reconciler_from_config(tmp_path: Path) -> None:
     generate_keypair(tmp_path / "plan.key", tmp_path / "plan.pub")
     rec = reconciler_from_config(cfg, [], EmbeddedStore(tmp_path / "s.sqlite"))
     assert rec.host == HOST and rec.reconcile_once(NOW) == []
+
+
+# --- polling less: the part names when the next plan is due ------------------------------
+def _count_fetches(rig: Rig) -> list[int]:
+    calls: list[int] = []
+    inner = rig.store.newest
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return inner(*a, **kw)
+
+    rig.store.newest = counted  # type: ignore[method-assign]
+    return calls
+
+
+def _publish_due(rig: Rig, plan_id: str, at: int, due: int, w: float = 300.0) -> None:
+    plan = {
+        "plan_id": plan_id,
+        "created_ns": at,
+        "expires_ns": at + TTL,
+        "setpoints": [{"gpu": UUID0, "host": HOST, "power_limit_w": w}],
+    }
+    publish(plan, rig.store, KEY, at, next_plan_ns=due)
+
+
+def test_poll_when_due_skips_fetches_until_the_next_plan_is_due(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, poll_when_due=True)
+    fetches = _count_fetches(rig)
+    _publish_due(rig, "p1", NOW, due=NOW + 300 * S)
+    rig.rec.reconcile_once(NOW)
+    assert rig.limit_w(0) == 300.0 and len(fetches) == 1
+    for t in (10, 100, 299):  # the lease holds and the next plan is not due: no query
+        rig.rec.reconcile_once(NOW + t * S)
+    assert len(fetches) == 1 and rig.rec.polls_skipped_total == 3
+    _publish_due(rig, "p2", NOW + 300 * S, due=NOW + 600 * S, w=250.0)
+    rig.rec.reconcile_once(NOW + 300 * S)  # due: fetched and applied
+    assert len(fetches) == 2 and rig.limit_w(0) == 250.0
+    assert rig.rec.lease is not None and rig.rec.lease.plan_id == "p2"
+    rig.close()
+
+
+def test_poll_when_due_still_fetches_before_the_lease_lapses(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, poll_when_due=True, interval_s=10.0)
+    fetches = _count_fetches(rig)
+    _publish_due(rig, "p1", NOW, due=NOW + 10 * TTL)  # a due time past the lease
+    rig.rec.reconcile_once(NOW)
+    rig.rec.reconcile_once(NOW + TTL - 11 * S)
+    assert len(fetches) == 1
+    rig.rec.reconcile_once(NOW + TTL - 9 * S)  # within one interval of the lease's end
+    assert len(fetches) == 2
+    rig.close()
+
+
+def test_without_poll_when_due_every_tick_fetches(rig: Rig) -> None:
+    fetches = _count_fetches(rig)
+    _publish_due(rig, "p1", NOW, due=NOW + 300 * S)
+    for t in (0, 10, 20):
+        rig.rec.reconcile_once(NOW + t * S)
+    assert len(fetches) == 3 and rig.rec.polls_skipped_total == 0
+
+
+def test_a_part_without_a_due_time_keeps_its_signed_bytes() -> None:
+    """Parts that do not name a due time encode exactly as before the field existed."""
+    (part,) = split_plan(
+        {
+            "plan_id": "p1",
+            "created_ns": NOW,
+            "expires_ns": NOW + TTL,
+            "setpoints": [{"gpu": UUID0, "host": HOST, "power_limit_w": 300.0}],
+        },
+        seq_from_ns=NOW,
+    )
+    from dcenergy.plan import canonical_part
+
+    assert b"next_plan_ns" not in canonical_part(part)
+    assert b'"next_plan_ns":7' in canonical_part(replace(part, next_plan_ns=7))
