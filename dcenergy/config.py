@@ -20,9 +20,23 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from dcenergy.errors import ConfigError
+from dcenergy.lineprotocol import name_problem
 
 DEFAULT_CONFIG_PATH = Path("/etc/dcenergy/dcenergy.toml")
 ENV_PREFIX = "DCENERGY_"
+# DCENERGY_* variables that are not config overrides (any other one that names no
+# section is a typo, refused like an unknown key): the config path, the job report
+# directory, Grafana's provisioning variables, the test suite's switch.
+OTHER_ENV = frozenset(
+    {
+        "DCENERGY_CONFIG",
+        "DCENERGY_JOBS_DIR",
+        "DCENERGY_INFLUX_URL",
+        "DCENERGY_INFLUX_DB",
+        "DCENERGY_INFLUX_TOKEN",
+        "DCENERGY_REQUIRE_INFLUXDB",
+    }
+)
 REDACTED = "***"
 
 Check = Callable[[Any], str | None]  # returns what is allowed when the value is bad
@@ -153,6 +167,14 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
+    # "section.key" -> where its value came from (the file's path or "env VAR"); unset keys absent
+    sources: Mapping[str, str] = field(
+        default_factory=dict, compare=False, hash=False, repr=False, metadata={"internal": True}
+    )
+
+    def source_of(self, key: str) -> str:
+        """Where ``key`` ("section.key") got its value: a file, ``env VAR`` or ``<defaults>``."""
+        return self.sources.get(key, "<defaults>")
 
     @property
     def host(self) -> str:
@@ -255,16 +277,32 @@ def _build_section(
 
 def _cross_checks(cfg: Config) -> None:
     o, r, s = cfg.optimizer, cfg.reconciler, cfg.store
+
+    def fail(key: str, value: object, allowed: str) -> ConfigError:
+        return ConfigError(key, value, allowed, source=cfg.source_of(key))
+
     if not 0 <= o.allowed_slowdown < 1:
-        raise ConfigError("optimizer.allowed_slowdown", o.allowed_slowdown, "a fraction in [0, 1)")
+        raise fail("optimizer.allowed_slowdown", o.allowed_slowdown, "a fraction in [0, 1)")
     if o.pue < 1:
-        raise ConfigError("optimizer.pue", o.pue, "a number >= 1 (facility power / IT power)")
+        raise fail("optimizer.pue", o.pue, "a number >= 1 (facility power / IT power)")
     if r.max_w and r.min_w > r.max_w:
-        raise ConfigError("reconciler.min_w", r.min_w, f"at most reconciler.max_w ({r.max_w})")
+        raise fail("reconciler.min_w", r.min_w, f"at most reconciler.max_w ({r.max_w})")
     if s.batch_lines > 5000:
-        raise ConfigError("store.batch_lines", s.batch_lines, "at most 5000 lines per request")
+        raise fail("store.batch_lines", s.batch_lines, "at most 5000 lines per request")
     if s.token and s.token_file:
-        raise ConfigError("store.token", REDACTED, "either store.token or store.token_file")
+        raise fail("store.token", REDACTED, "either store.token or store.token_file")
+    host_problem = name_problem(cfg.host, "host name")
+    if host_problem is not None:
+        if cfg.agent.host:
+            raise fail(
+                "agent.host", cfg.agent.host, f"a name InfluxDB stores as is: {host_problem}"
+            )
+        raise ConfigError(
+            "agent.host",
+            cfg.host,
+            f"a name InfluxDB stores as is (this is the hostname): {host_problem}",
+            hint="set agent.host in the config file to this node's name",
+        )
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -273,15 +311,33 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     explicit = path is not None or "DCENERGY_CONFIG" in env
     path = path or Path(env.get("DCENERGY_CONFIG", str(DEFAULT_CONFIG_PATH)))
     data: dict[str, Any] = {}
+    flag = "--config" if "DCENERGY_CONFIG" not in env else "DCENERGY_CONFIG"
     if path.exists():
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError("<file>", str(path), f"valid TOML ({e})", source=str(path)) from e
+            raise ConfigError(
+                "<file>", str(path), f"valid TOML ({e})", hint=f"fix the TOML syntax in {path}"
+            ) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                "<file>",
+                str(path),
+                f"a UTF-8 TOML file (byte {e.start}: {e.reason})",
+                hint=f"save {path} as UTF-8, or pass another {flag}",
+            ) from None
         except OSError as e:
-            raise ConfigError("<file>", str(path), f"a readable file ({e.strerror})") from e
+            what = "a file, not a folder" if path.is_dir() else f"a readable file ({e.strerror})"
+            raise ConfigError(
+                "<file>", str(path), what, hint=f"pass a readable TOML file as {flag}"
+            ) from None
     elif explicit:
-        raise ConfigError("--config", str(path), "an existing TOML file")
+        raise ConfigError(
+            "--config",
+            str(path),
+            "an existing TOML file",
+            hint=f"pass an existing file as {flag}" if flag != "--config" else None,
+        )
     source = str(path) if path.exists() else "<defaults>"
 
     values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
@@ -299,11 +355,21 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     for var, raw in env.items():
         if not var.startswith(ENV_PREFIX) or var == "DCENERGY_CONFIG":
             continue
+        if var in OTHER_ENV:
+            continue
         rest = var[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
-        if section in _SECTIONS and key:
-            values[section][key] = raw
-            sources[section][key] = f"env {var}"
+        if section not in _SECTIONS or not key:
+            raise ConfigError(
+                var,
+                raw,
+                "DCENERGY_<SECTION>_<KEY> with a section of "
+                + ", ".join(s.upper() for s in _SECTIONS),
+                source=f"env {var}",
+                hint=f"fix or unset the environment variable {var}",
+            )
+        values[section][key] = raw
+        sources[section][key] = f"env {var}"
 
     sections = {
         name: _build_section(name, cls, values[name], sources[name])
@@ -320,6 +386,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         optimizer=sections["optimizer"],
         reconciler=sections["reconciler"],
         source=source,
+        sources={f"{s}.{k}": src for s, keys in sources.items() for k, src in keys.items()},
     )
     _cross_checks(cfg)
     return cfg

@@ -3,9 +3,13 @@
 ::
 
     DcenergyError                 root: the CLI catches it, prints message + hint
-    ├── ConfigError               bad configuration (exit 78, EX_CONFIG)
+    ├── ConfigError               bad configuration or option value (exit 78, EX_CONFIG)
+    ├── UsageError                options that exclude each other (exit 64, EX_USAGE)
     ├── InputError                bad input file: problem, plan, topology (exit 65, EX_DATAERR)
     │   └── ProblemError          a problem file that fails validation
+    ├── OutputError               an output file (-o) that cannot be written (exit 73, EX_CANTCREAT)
+    ├── NoTelemetry               the store has no telemetry for the window (exit 4)
+    ├── BestEffortPlan            no plan meets every budget; the best effort was emitted (exit 3)
     ├── DeviceError               a GPU could not be read or set
     │   ├── DeviceNotSupported    the field/function does not exist on this GPU (never fatal)
     │   ├── DevicePermission      NO_PERMISSION (never fatal)
@@ -20,10 +24,33 @@ happen; user errors travel up to the CLI, which exits with ``exit_code``.
 
 from __future__ import annotations
 
+# The CLI's exit codes (README "Commands"); 2 is click's own usage error (unknown option).
+EX_OK = 0
+EX_FAILURE = 1  # an unexpected failure (a bug); --debug shows the traceback
+EX_INFEASIBLE = 3  # a best-effort plan: some budget cannot be met (the plan is still emitted)
+EX_NO_TELEMETRY = 4  # the store holds no telemetry for the window
+EX_USAGE = 64
 EX_DATAERR = 65
-EX_SOFTWARE = 70
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
 EX_CONFIG = 78
+EX_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    EX_OK: "success",
+    EX_FAILURE: "unexpected failure (a bug; --debug shows the traceback)",
+    2: "unknown command or option (usage)",
+    EX_INFEASIBLE: "best-effort plan: a budget cannot be met (plan still printed/written)",
+    EX_NO_TELEMETRY: "no telemetry in the window",
+    EX_USAGE: "options that exclude each other",
+    EX_DATAERR: "bad input file (problem, plan, topology) or a plan the fleet refuses",
+    EX_UNAVAILABLE: "device or store unavailable (or data left unwritten)",
+    EX_SOFTWARE: "internal error in a solver run",
+    EX_CANTCREAT: "an output file cannot be written",
+    EX_CONFIG: "configuration or option value",
+    EX_INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
 class DcenergyError(Exception):
@@ -45,15 +72,69 @@ class ConfigError(DcenergyError):
 
     exit_code = EX_CONFIG
 
-    def __init__(self, key: str, value: object, allowed: str, *, source: str | None = None) -> None:
-        where = f" (from {source})" if source else ""
+    def __init__(
+        self,
+        key: str,
+        value: object,
+        allowed: str,
+        *,
+        source: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        """``source`` says where the value came from: a config file's path, ``env VAR``,
+        ``<defaults>``, or None for a command-line option (``key`` then is the flag,
+        ``--budget``) or an unknown origin. The hint names that source."""
+        where = f" (from {source})" if source and source != "<defaults>" else ""
+        what = f"option '{key}'" if key.startswith("-") else f"config key '{key}'"
         super().__init__(
-            f"config key '{key}'{where} has value {value!r}: expected {allowed}",
-            hint=f"fix '{key}' in the config file or its DCENERGY_* environment override",
+            f"{what}{where} has value {value!r}: expected {allowed}",
+            hint=hint or config_hint(key, source),
         )
         self.key = key
         self.value = value
         self.allowed = allowed
+        self.source = source
+
+
+def config_hint(key: str, source: str | None) -> str:
+    """Where to fix ``key``: the flag, the environment variable or the file it came from."""
+    if key.startswith("-"):
+        return f"pass a valid {key}"
+    if source is not None and source.startswith("env "):
+        return f"fix the environment variable {source.removeprefix('env ')}"
+    if source == "<defaults>":
+        return f"set '{key}' in the config file (--config) or DCENERGY_{_env_name(key)}"
+    if source:
+        return f"fix '{key}' in {source}"
+    return f"fix '{key}' in the config file or its DCENERGY_* environment override"
+
+
+def _env_name(key: str) -> str:
+    return key.replace(".", "_").upper()
+
+
+class UsageError(DcenergyError):
+    """Command-line options that cannot be used together."""
+
+    exit_code = EX_USAGE
+
+
+class OutputError(DcenergyError):
+    """An output file the user named cannot be written (missing folder, a folder, no access)."""
+
+    exit_code = EX_CANTCREAT
+
+
+class NoTelemetry(DcenergyError):
+    """The store holds no telemetry for what was asked."""
+
+    exit_code = EX_NO_TELEMETRY
+
+
+class BestEffortPlan(DcenergyError):
+    """No plan meets every budget; the best-effort plan was printed or written anyway."""
+
+    exit_code = EX_INFEASIBLE
 
 
 class InputError(DcenergyError):
@@ -61,8 +142,8 @@ class InputError(DcenergyError):
 
     exit_code = EX_DATAERR
 
-    def __init__(self, path: str, field: str, problem: str) -> None:
-        super().__init__(f"{path}: field '{field}': {problem}")
+    def __init__(self, path: str, field: str, problem: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{path}: field '{field}': {problem}", hint=hint)
         self.path = path
         self.field = field
         self.problem = problem

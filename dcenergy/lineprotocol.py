@@ -149,6 +149,37 @@ def _field_value(k: str, v: FieldValue) -> str:
     raise LineProtocolError(f"field {k!r}: unsupported type {type(v).__name__}")
 
 
+MAX_NAME_BYTES: Final = 253  # a host name (DNS) or an id: far below InfluxDB's 64 KiB key limit
+
+
+def name_problem(
+    value: str, what: str = "tag value", max_bytes: int = MAX_NAME_BYTES
+) -> str | None:
+    """Why ``value`` cannot be written as a tag value (a host name, an id), or None.
+
+    For checks at the edge (configuration, input files), so that a bad name is
+    an error naming it there instead of a refused point later.
+    """
+    if not value:
+        return f"empty {what}"
+    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        return f"{what} longer than {max_bytes} bytes"
+    try:
+        _escape_name(value, _KEY_SPECIAL, what)
+    except LineProtocolError as e:
+        return str(e)
+    return None
+
+
+def string_field_problem(value: str, what: str = "string", max_bytes: int = 1024) -> str | None:
+    """Why ``value`` cannot be a string field value (a plan id), or None."""
+    if _NEWLINE.search(value):
+        return f"{what} {value!r} contains a line break (not allowed in line protocol)"
+    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        return f"{what} longer than {max_bytes} bytes"
+    return None
+
+
 def series_prefix(measurement: str, tags: Mapping[str, str]) -> str:
     """Escaped ``measurement,k=v,...`` with tags sorted and empty values omitted: the series key."""
     return _series_prefix(measurement, tuple(sorted(tags.items())))

@@ -13,7 +13,6 @@ Validation is strict and names the offending field by its JSON path
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from dcenergy.errors import ProblemError
+from dcenergy.inputs import read_json
 
 PROBLEM_VERSION: Final = 1
 DEFAULT_SLOWDOWN_CONFIDENCE: Final = 0.95
@@ -468,20 +468,7 @@ def _parse_objective(r: _Reader, raw: object) -> Objective:
 
 def load_problem(path: str | Path) -> Problem:
     """Read and validate a problem file; bad JSON is reported with its line and column."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ProblemError(str(p), "<file>", f"cannot read: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ProblemError(str(p), "<file>", f"not UTF-8 text: {e.reason}") from e
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ProblemError(
-            str(p), "<json>", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from e
-    return parse_problem(obj, source=str(p))
+    return parse_problem(read_json(path, ProblemError), source=str(path))
 
 
 # --- writing ----------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 from dcenergy import schema
 from dcenergy.config import OptimizerConfig
-from dcenergy.errors import DcenergyError
+from dcenergy.errors import NoTelemetry
 from dcenergy.store.base import Agg, AggregateQuery, AggRow, FieldFilter, Fn, Op, Store
 from optimizer.topology import Topology
 
@@ -41,8 +41,8 @@ _BUCKETS_PER_WINDOW = 40
 _MIN_BUCKET_S = 10.0
 
 
-class EmptyWindow(DcenergyError):
-    """The store has no GPU telemetry in the requested window."""
+class EmptyWindow(NoTelemetry):
+    """The store has no GPU telemetry in the requested window (exit 4)."""
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ A host belongs to the domains it lists and to all their parents; a host with
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dcenergy.errors import InputError
+from dcenergy.inputs import read_json
 from optimizer.problem import DOMAIN_KINDS
 
 TOPOLOGY_VERSION = 1
@@ -73,10 +73,26 @@ def _kind(path: str, field: str, v: Any) -> str:
     return str(v)
 
 
+_TOP_KEYS = frozenset({"version", "domains", "hosts", "default_domains", "comment"})
+_DOMAIN_KEYS = frozenset({"id", "budget_w", "baseline_w", "kind", "parent"})
+_HOST_KEYS = frozenset({"domains", "budget_w", "baseline_w"})
+
+
+def _known_keys(source: str, path: str, obj: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    """An unknown key (a typo: ``budget`` for ``budget_w``) would silently drop a budget."""
+    for k in obj:
+        if k not in allowed:
+            field = f"{path}.{k}" if path else str(k)
+            raise InputError(
+                source, field, "unknown field (typo?); known: " + ", ".join(sorted(allowed))
+            )
+
+
 def parse_topology(obj: Any, source: str = "<topology>") -> Topology:
     """Validate a topology document; every error names its field."""
     if not isinstance(obj, dict):
         raise InputError(source, "$", "expected a JSON object")
+    _known_keys(source, "", obj, _TOP_KEYS)
     if obj.get("version") != TOPOLOGY_VERSION:
         got = obj.get("version")
         raise InputError(source, "version", f"expected {TOPOLOGY_VERSION}, got {got!r}")
@@ -89,6 +105,7 @@ def parse_topology(obj: Any, source: str = "<topology>") -> Topology:
         f = f"domains[{i}]"
         if not isinstance(d, dict):
             raise InputError(source, f, "expected an object")
+        _known_keys(source, f, d, _DOMAIN_KEYS)
         did = d.get("id")
         if not isinstance(did, str) or not did:
             raise InputError(source, f"{f}.id", "expected a non-empty string")
@@ -122,6 +139,11 @@ def parse_topology(obj: Any, source: str = "<topology>") -> Topology:
         f = f"hosts.{host}"
         if not isinstance(spec, dict):
             raise InputError(source, f, "expected an object with 'domains'")
+        _known_keys(source, f, spec, _HOST_KEYS)
+        if "baseline_w" in spec and "budget_w" not in spec:
+            raise InputError(
+                source, f"{f}.baseline_w", "needs budget_w (it is the node domain's baseline)"
+            )
         listed = spec.get("domains", [])
         if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
             raise InputError(source, f"{f}.domains", "expected a list of domain ids")
@@ -163,17 +185,15 @@ def _check_no_parent_cycle(domains: list[Domain], source: str) -> None:
 
 
 def load_topology(path: Path) -> Topology:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(str(path), "$", f"cannot read the topology file ({e.strerror})") from e
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(
-            str(path), "$", f"not valid JSON: {e.msg} at line {e.lineno} col {e.colno}"
-        ) from e
-    return parse_topology(obj, str(path))
+    """Read and validate a topology file (strict JSON: no duplicate keys)."""
+    return parse_topology(read_json(path), str(path))
+
+
+def coverage(topology: Topology, hosts: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Hosts the topology lists that telemetry never saw, and telemetry hosts it does not list."""
+    seen = set(hosts)
+    listed = set(topology.host_domains)
+    return sorted(listed - seen), sorted(seen - listed)
 
 
 def single_domain(budget_w: float) -> Topology:

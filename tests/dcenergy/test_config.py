@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_without_a_file(tmp_path: Path) -> None:
-    cfg = load_config(None, env={"DCENERGY_CONFIG_UNUSED": "x", "HOME": str(tmp_path)})
+    cfg = load_config(None, env={"DCENERGY_JOBS_DIR": "x", "HOME": str(tmp_path)})
     assert cfg.agent.interval_s == 1.0
     assert cfg.store.embedded
     assert cfg.source == "<defaults>"
