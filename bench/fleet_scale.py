@@ -74,6 +74,7 @@ IDLE_SM_CLOCK_MHZ = 345
 TRIAL_PERIOD_S = 60  # a trying job: 30 s at the default cap, 15 s at each of two lower caps
 IDLE_SHARE = 0.08
 BATCH_LINES = 50_000
+RATE_FILE = "fill-rate.json"  # lines/s of the last fill, per store kind: sizes the next one's lead
 GIB = 2**30
 
 # (draw uncapped W, throughput exponent on the power share, rate per GPU, unit, GiB used, mem util)
@@ -384,12 +385,19 @@ class InfluxWriter:
 
 def fill_influx(url: str, fleet: Fleet, t0: int, t1: int, inflight: int) -> FillStats:
     w = InfluxWriter(url, inflight)
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     try:
         for a, b in fleet.slices(t0, t1):
             body, n = fleet.lines(a, b)
             w.stats.lines += n
             w.submit(body)
+            if time.perf_counter() - last > 30:
+                last = time.perf_counter()
+                print(
+                    f"    filling: {(b - t0) / (t1 - t0):4.0%} of {t1 - t0} s, "
+                    f"{w.stats.lines / (last - start):,.0f} lines/s",
+                    flush=True,
+                )
     finally:
         w.close()
     w.stats.seconds = time.perf_counter() - start
@@ -434,6 +442,8 @@ class DataSet:
     fill: FillStats | None = None
     topped_s: int = 0
     start_s: int = 0
+    lead_s: int = 0
+    waited_s: float = 0.0
 
     @property
     def marker(self) -> Path:
@@ -462,23 +472,30 @@ class DataSet:
         assert self.server is not None
         return fill_influx(self.server.url, self.fleet, t0, t1, inflight)
 
-    def open(self, *, refill: bool, inflight: int) -> None:
-        """Reuse the folder (then top it up to now) or wipe and fill ``span_s`` ending now."""
-        now = int(time.time())
-        old: dict[str, Any] = {}
-        if self.marker.exists():
-            try:
-                old = json.loads(self.marker.read_text())
-            except ValueError:
-                old = {}
-        reuse = (
-            not refill
-            and old.get("version") == GENERATOR_VERSION
+    def read_marker(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def reusable(self, now: float) -> bool:
+        """The marker matches this fleet and its data ended at most ``span_s`` ago."""
+        old = self.read_marker()
+        return (
+            old.get("version") == GENERATOR_VERSION
+            and old.get("kind") == self.kind
             and old.get("n_gpus") == self.fleet.n_gpus
             and old.get("span_s") == self.span_s
             and old.get("seed") == self.fleet.seed
             and 0 <= now - int(old.get("end_s", 0)) <= self.span_s
         )
+
+    def open(self, *, refill: bool, inflight: int) -> None:
+        """Reuse the folder (then top it up to now) or wipe and fill ``span_s`` ending now."""
+        now = int(time.time())
+        old = self.read_marker()
+        reuse = not refill and self.reusable(now)
         if reuse:
             self.fleet.boot_s = int(old["boot_s"])
             self.fleet.nominal_w = self.fleet.nominal_power()
@@ -506,23 +523,63 @@ class DataSet:
             self.server.start()
             self.server.create_database(DATABASE)
         if not reuse:
-            self.end_s = now
+            # Data ending at now must be written past now: the fill takes time. So the span
+            # ends ahead of the clock by the fill's expected duration (from the last fill's
+            # rate), the bench waits for the clock to pass the data's end (no reader ever sees
+            # a point from the future), and a top-up writes what a slow fill left behind.
+            self.lead_s = int(min(0.9, self._per_data_s() / self._rate()) * self.span_s)
+            start_s = now - self.span_s + self.lead_s
+            self.end_s = now + self.lead_s
             self.start_s = start_s
-            self.fill = self._write(start_s, now, inflight)
+            self.fill = self._write(start_s, self.end_s, inflight)
+            self._save_rate(self.fill.lines / max(self.fill.seconds, 1e-3))
             self._write_marker(start_s)
+            if (ahead := self.end_s - time.time()) > 0:
+                self.waited_s = ahead
+                time.sleep(ahead)
         self.start_s = start_s
         self.top_up(inflight)
+
+    def _per_data_s(self) -> int:
+        return self.fleet.n_gpus + self.fleet.n_jobs  # lines per second of data
+
+    def _rate(self) -> float:
+        """Lines/s of the last fill of this kind (the rate file beside the folders)."""
+        try:
+            return float(json.loads((self.folder.parent / RATE_FILE).read_text())[self.kind])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 30_000.0 if self.kind == "influx" else 20_000.0
+
+    def _save_rate(self, rate: float) -> None:
+        path = self.folder.parent / RATE_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        doc[self.kind] = round(rate)
+        path.write_text(json.dumps(doc) + "\n")
 
     def top_up(self, inflight: int) -> None:
         """Write the seconds since the data's end, until it ends at most 1 s ago."""
         for _ in range(6):
             now = int(time.time())
             if now - self.end_s <= 1:
-                break
+                return
             self._write(self.end_s, now, inflight)
             self.topped_s += now - self.end_s
             self.end_s = now
             self._write_marker(self.start_s)
+        if (behind := int(time.time()) - self.end_s) > 1:
+            print(f"  note: writing cannot keep up with the clock: data ends {behind} s ago")
+
+    def fill_note(self) -> str:
+        if self.fill is None:
+            return ""
+        return (
+            f"  fill: {self.fill.rate()}\n  fill: {self.end_s - self.start_s - self.topped_s} s "
+            f"of data ending {self.lead_s} s ahead of the clock (the expected fill time), "
+            f"then waited {self.waited_s:.0f} s and topped up {self.topped_s} s"
+        )
 
     def influx_pid(self) -> int | None:
         if self.server is None:
@@ -606,6 +663,22 @@ def child_env(code: Path) -> dict[str, str]:
 DCENERGY = [sys.executable, "-c", "import sys; from dcenergy.cli import main; sys.exit(main())"]
 
 
+# getrusage's peak RSS of a child is inherited across fork + exec (Linux keeps the forking
+# process's high-water mark, and this bench holds hundreds of MB while it fills), so each
+# command is started by a fresh, small Python that spawns it and reports wait4's figures
+# for that command alone.
+_LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+doc = {"wall_s": time.perf_counter() - t0, "maxrss_kb": ru.ru_maxrss,
+       "rc": os.waitstatus_to_exitcode(status)}
+with open(sys.argv[1], "w") as f:
+    json.dump(doc, f)
+"""
+
+
 def run_child(
     argv: Sequence[str],
     *,
@@ -614,50 +687,59 @@ def run_child(
     watch_pid: int | None,
     code: Path,
 ) -> tuple[float, float, int, str, str, float | None, str]:
-    """Run one child: (wall s, peak RSS MB, exit code, stdout, stderr, influxd CPU s, killed)."""
+    """Run one child: (wall s, peak RSS MB, exit code, stdout, stderr, influxd CPU s, killed).
+
+    ``argv[0]`` must be an absolute path. A guard thread kills the command past
+    ``timeout_s`` or ``max_rss_mb`` (the machine is shared: no OOM for anyone).
+    """
     watched = psutil.Process(watch_pid) if watch_pid else None
     cpu0 = sum(watched.cpu_times()[:2]) if watched else 0.0
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        report = Path(tmp) / "rusage.json"
+        launcher = [sys.executable, "-c", _LAUNCHER, str(report), *argv]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=child_env(code), cwd=code)
-        done = threading.Event()
-        lock = threading.Lock()
+        proc = subprocess.Popen(launcher, stdout=out, stderr=err, env=child_env(code), cwd=code)
         killed: list[str] = []
 
         def guard() -> None:
-            ps = psutil.Process(proc.pid)
-            while not done.wait(0.2):
+            while proc.poll() is None:
+                time.sleep(0.2)
                 try:
-                    rss_mb = ps.memory_info().rss / 2**20
+                    kids = psutil.Process(proc.pid).children()
+                    rss_mb = sum(k.memory_info().rss for k in kids) / 2**20
                 except psutil.Error:
-                    return
+                    continue
                 why = ""
                 if time.perf_counter() - t0 > timeout_s:
                     why = f"killed after {timeout_s:g} s (--timeout)"
                 elif rss_mb > max_rss_mb:
                     why = f"killed at {rss_mb:.0f} MB RSS (--max-rss-mb {max_rss_mb:g})"
                 if why:
-                    with lock:
-                        if not done.is_set():
-                            killed.append(why)
-                            proc.kill()
+                    killed.append(why)
+                    for k in kids:
+                        with contextlib.suppress(psutil.Error):
+                            k.kill()
                     return
 
         th = threading.Thread(target=guard, daemon=True)
         th.start()
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+        launcher_rc = proc.wait()
         wall = time.perf_counter() - t0
-        with lock:
-            done.set()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         th.join()
         cpu = sum(watched.cpu_times()[:2]) - cpu0 if watched else None
+        rss_mb, rc = float("nan"), launcher_rc
+        if report.exists():
+            doc = json.loads(report.read_text())
+            wall, rss_mb, rc = doc["wall_s"], doc["maxrss_kb"] / 1024, doc["rc"]
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
-    return wall, usage.ru_maxrss / 1024, proc.returncode, stdout, stderr, cpu, "".join(killed)
+    return wall, rss_mb, rc, stdout, stderr, cpu, "".join(killed)
 
 
 def error_line(stderr: str) -> str:
@@ -757,20 +839,37 @@ public_key = "{self.pub}"
             print(f"      exit {rc}: {run.error}", flush=True)
         return run
 
+    def pick(self, kind: str, fleet: Fleet, span_s: int) -> DataSet:
+        """A kept folder of this fleet with at least ``span_s`` of fresh data, or a new one."""
+        prefix = f"{'embedded-' if kind == 'embedded' else ''}{fleet.n_gpus}gpus-"
+        now = time.time()
+        kept = []
+        for d in self.root.glob(f"{prefix}*s"):
+            with contextlib.suppress(ValueError):
+                span = int(d.name[len(prefix) : -1])
+                ds = DataSet(d, kind, fleet, span)
+                if span >= span_s and not self.args.refill and ds.reusable(now):
+                    kept.append(ds)
+        if kept:
+            return min(kept, key=lambda ds: ds.span_s)
+        return DataSet(self.root / f"{prefix}{span_s}s", kind, fleet, span_s)
+
     def influx_group(self, n_gpus: int, windows: list[int]) -> None:
         span = max(windows)
-        folder = self.root / f"{n_gpus}gpus-{span}s"
-        ds = DataSet(folder, "influx", Fleet(n_gpus, self.args.seed), span)
+        f = Fleet(n_gpus, self.args.seed)
+        ds = self.pick("influx", f, span)
+        folder = ds.folder
+        span = ds.span_s
+        print(
+            f"\n== influxd, {n_gpus:,} GPUs ({f.n_hosts:,} hosts, {f.n_jobs:,} jobs, "
+            f"{int((~f.busy).sum())} idle GPUs), {span} s of 1 s telemetry: {folder}",
+            flush=True,
+        )
         try:
             ds.open(refill=self.args.refill, inflight=self.args.inflight)
-            f = ds.fleet
-            print(
-                f"\n== influxd, {n_gpus:,} GPUs ({f.n_hosts:,} hosts, {f.n_jobs:,} jobs, "
-                f"{int((~f.busy).sum())} idle GPUs), {span} s of 1 s telemetry: {folder}"
-            )
             print(f"  data folder {ds.how}")
             if ds.fill is not None:
-                print(f"  fill: {ds.fill.rate()}")
+                print(ds.fill_note())
             print(f"  store: {ds.points():,} points, {dir_mb(folder):,.0f} MB on disk")
             for w in sorted(windows):
                 print(f"  window {w} s:")
@@ -780,13 +879,12 @@ public_key = "{self.pub}"
             ds.close()
 
     def embedded(self, n_gpus: int, window_s: int) -> None:
-        folder = self.root / f"embedded-{n_gpus}gpus-{window_s}s"
-        ds = DataSet(folder, "embedded", Fleet(n_gpus, self.args.seed), window_s)
+        ds = self.pick("embedded", Fleet(n_gpus, self.args.seed), window_s)
+        print(f"\n== embedded store, {n_gpus:,} GPUs, {window_s} s: {ds.db_path}", flush=True)
         ds.open(refill=self.args.refill, inflight=self.args.inflight)
-        print(f"\n== embedded store, {n_gpus:,} GPUs, {window_s} s: {ds.db_path}")
         print(f"  data folder {ds.how}")
         if ds.fill is not None:
-            print(f"  fill (EmbeddedStore.write_lines): {ds.fill.rate()}")
+            print(ds.fill_note().replace("fill:", "fill (EmbeddedStore.write_lines):", 1))
         size = sum(
             p.stat().st_size
             for p in (ds.db_path, ds.db_path.with_name(ds.db_path.name + "-wal"))
@@ -1013,7 +1111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default="/tmp/dcenergy-fleet-bench", help="kept data folders")
     ap.add_argument("--refill", action="store_true", help="wipe and refill kept data folders")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--inflight", type=int, default=4, help="write requests in flight")
+    ap.add_argument("--inflight", type=int, default=2, help="write requests in flight")
     ap.add_argument("--budget-share", type=float, default=0.8, help="budget / fleet GPU draw")
     ap.add_argument("--store-timeout", type=float, default=10.0, help="store.timeout_s")
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a command after S s")
