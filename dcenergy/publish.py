@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dcenergy import schema
 from dcenergy.errors import InputError
+from dcenergy.lineprotocol import name_problem, string_field_problem
 from dcenergy.plan import MODES, Mode, PlanPart, Setpoint, SignedPart, sign_part
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ def _setpoint(raw: Any, i: int, source: str) -> tuple[str, Setpoint]:
         raise InputError(source, f"{where}.gpu", f"must be a GPU UUID string, not {gpu!r}")
     if not isinstance(host, str) or not host:
         raise InputError(source, f"{where}.host", f"must be a host name, not {host!r}")
+    if (bad := name_problem(host, "host name")) is not None:
+        raise InputError(source, f"{where}.host", bad)
     w = raw.get("power_limit_w")
     if w is not None and (
         isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0
@@ -74,6 +77,8 @@ def split_plan(
     plan_id = plan.get("plan_id")
     if not isinstance(plan_id, str) or not plan_id:
         raise InputError(source, "plan_id", f"must be a non-empty string, not {plan_id!r}")
+    if (bad := string_field_problem(plan_id, "plan_id", max_bytes=256)) is not None:
+        raise InputError(source, "plan_id", bad)
     created_ns = _int(plan, "created_ns", source)
     expires_ns = _int(plan, "expires_ns", source)
     if expires_ns <= created_ns:

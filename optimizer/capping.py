@@ -60,6 +60,16 @@ from optimizer.curves import Curve, CurveFit, fit_curves
 from optimizer.problem import Gpu, Problem
 
 Method = Literal["auto", "lp", "fast"]
+
+
+class FastPathNotApplicable(ValueError):
+    """``method="fast"`` on a problem the greedy does not solve exactly; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"fast path not applicable: {reason}")
+        self.reason = reason
+
+
 _TOL: Final = 1e-7
 DVFS_EXPONENT: Final = 2.5  # P ∝ f^2.5: dynamic power ~ f·V² with V rising with f, plus static
 
@@ -657,8 +667,9 @@ def solve_capping(
     """Per-GPU caps for ``problem.objective`` under every domain budget.
 
     ``method``: ``"lp"`` always solves the LP; ``"fast"`` runs the greedy and
-    raises ``ValueError`` where it is not exact (objective other than budget,
-    non-laminar domains, a synchronous job split across domain sets); it
+    raises ``FastPathNotApplicable`` (a ``ValueError``) where it is not exact
+    (objective other than budget, non-laminar domains, a synchronous job split
+    across domain sets); it
     ignores slowdown floors and reports the jobs past them. ``"auto"`` uses
     the greedy where it is exact and its answer keeps every floor, else the LP.
     ``fits`` lets a caller reuse curves it already fitted.
@@ -673,7 +684,7 @@ def solve_capping(
     room = np.maximum(m.room, 0.0)  # best effort: those domains' GPUs sit at their minimum
     reason = _fast_reason(m)
     if method == "fast" and reason is not None:
-        raise ValueError(f"fast path not applicable: {reason}")
+        raise FastPathNotApplicable(reason)
     grp_caps: np.ndarray | None = None
     used = "lp"
     status = "optimal"

@@ -55,6 +55,24 @@ def plan_file(tmp_path: Path, **kw: Any) -> Path:
     return p
 
 
+def seed_fleet(tmp_path: Path, *gpus: tuple[str, str]) -> None:
+    """Telemetry for ``(host, gpu_uuid)`` pairs (limits 100-700 W): the fleet ``apply`` checks."""
+    store = EmbeddedStore(tmp_path / "store.sqlite")
+    now = time.time_ns()
+    store.write(
+        [
+            schema.point(
+                schema.GPU,
+                {"host": host, "gpu": str(i), "gpu_uuid": uuid, "model": "H100"},
+                {"power_limit_w": 700.0, "power_limit_min_w": 100.0, "power_limit_max_w": 700.0},
+                now - S,
+            )
+            for i, (host, uuid) in enumerate(gpus)
+        ]
+    )
+    store.close()
+
+
 def test_keys_generate_uses_config_paths_and_mode_0600(
     cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,6 +100,7 @@ def test_keys_generate_explicit_paths(cfg_path: Path, tmp_path: Path) -> None:
 
 def test_apply_publishes_verifiable_parts(cfg_path: Path, tmp_path: Path) -> None:
     assert run(cfg_path, "keys", "generate") == 0
+    seed_fleet(tmp_path, ("n1", "GPU-a"), ("n2", "GPU-b"))
     assert run(cfg_path, "apply", str(plan_file(tmp_path))) == 0
     store = EmbeddedStore(tmp_path / "store.sqlite")
     try:
