@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -104,6 +106,12 @@ FLEET_MIN_FITS: Final = 8
 # How many degrees of freedom the fleet's noise estimate counts for against a
 # job's own when the two are pooled (``_moderated``).
 FLEET_NOISE_PRIOR_DOF: Final = 4
+# The caps a two-shape margin is taken over (``_share_margin``): this many, from
+# this share of the draw up to it; and the relative step of the draw that its
+# slowdown's derivative by the draw is taken over.
+_MARGIN_FROM: Final = 0.2
+_MARGIN_CAPS: Final = 161
+_DRAW_STEP: Final = 1e-3
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,8 @@ class Curve:
 
     def is_concave(self, tol: float = 1e-7) -> bool:
         """Slopes non-negative and non-increasing (within ``tol`` relative)."""
-        slopes = [s.slope for s in self.segments()]
+        xs, ys = self.x_w, self.y
+        slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
         scale = max((abs(s) for s in slopes), default=1.0) or 1.0
         if any(s < -tol * scale for s in slopes):
             return False
@@ -609,7 +618,14 @@ def _shape_explains(fit: _ShapeFit, noise: tuple[float, int] | None, mean_y: flo
         return True
     if noise is None or noise[0] <= 0.0:
         return False
-    return bool((fit.sd / noise[0]) ** 2 <= f_dist.ppf(SHAPE_TEST_LEVEL, fit.dof, noise[1]))
+    return (fit.sd / noise[0]) ** 2 <= _f_critical(fit.dof, noise[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _f_critical(dof: int, noise_dof: int) -> float:
+    """The F test's critical ratio at ``SHAPE_TEST_LEVEL`` (degrees of freedom are
+    small integers, and scipy's quantile costs about half a millisecond a call)."""
+    return float(f_dist.ppf(SHAPE_TEST_LEVEL, dof, noise_dof))
 
 
 def _readings(job: Job, default_w: float = math.inf) -> tuple[list[float], list[float]]:
@@ -751,11 +767,11 @@ def _share_margin(
     if not math.isfinite(w_sd):
         return allowed
     w_lo = max(0.0, w - z * w_sd)
-    x = np.linspace(0.2 * draw_w, draw_w, 161)
+    x = np.linspace(_MARGIN_FROM * draw_w, draw_w, _MARGIN_CAPS)
     s_hat = _shape_slowdown(x, w, draw_w)
     dev = _shape_slowdown(x, w_lo, draw_w) - s_hat
     if draw_se > 0.0:
-        h = 1e-3 * draw_w
+        h = _DRAW_STEP * draw_w
         ds = (_shape_slowdown(x, w, draw_w + h) - _shape_slowdown(x, w, draw_w - h)) / (2 * h)
         dev = np.sqrt(dev**2 + (z * ds * draw_se) ** 2)
     upper = s_hat + dev
@@ -795,6 +811,54 @@ def _extend_above(
         pri = yt * r(x) / rt if rt > 0 else yt
         out.append(max(yt, min(lin, pri)))
     return grid, out
+
+
+def _free_curve(
+    gx: Sequence[float],
+    gy: Sequence[float],
+    lo: float,
+    hi: float,
+    free_draw: float | None,
+    top_measured: float | None,
+    shape: Sequence[tuple[float, float]],
+) -> tuple[list[float], list[float], float, Curve]:
+    """The free concave fit ``(gx, gy)`` (``concave_l1_fit``'s) as a curve on [lo, hi].
+
+    Continued below and above the samples with the prior ``shape`` and flat
+    above the draw. Returns its breakpoints, the draw (the measured one, else
+    the highest reading ``top_measured``, else where the fit saturates) and the curve.
+    """
+    xs, ys = list(gx), list(gy)
+    if lo < xs[0]:
+        ext_draw = min(max(free_draw or (top_measured if top_measured is not None else hi), lo), hi)
+        ex, ey = _extend_below(xs, ys, lo, ext_draw, shape)
+        xs, ys = ex + xs, ey + ys
+    if free_draw is not None and xs[-1] < min(free_draw, hi):
+        ax, ay = _extend_above(xs, ys, min(free_draw, hi), shape)
+        xs, ys = xs + ax, ys + ay
+    if xs[-1] < hi:
+        xs.append(hi)
+        ys.append(ys[-1])
+    # flat above the unconstrained draw
+    fitted = Curve(*_simplify(xs, ys))
+    if free_draw is not None:
+        draw = free_draw
+    else:
+        draw = top_measured if top_measured is not None else fitted.saturation_w
+    draw = min(max(draw, lo), hi)
+    if draw < fitted.saturation_w:
+        top = fitted.value(draw)
+        keep = [(x, y) for x, y in zip(xs, ys, strict=True) if x < draw]
+        tail_x = [draw, hi] if draw < hi else [draw]
+        xs = [x for x, _ in keep] + tail_x
+        ys = [y for _, y in keep] + [top] * len(tail_x)
+    free = Curve(*_simplify(*_dedupe([float(x) for x in xs], [float(y) for y in ys])))
+    return xs, ys, draw, free
+
+
+def _passes_through(curve: Curve, pts: Sequence[tuple[float, float]], mean_y: float) -> bool:
+    """Whether ``curve`` meets every sample (to 1e-9 of their mean throughput)."""
+    return all(abs(curve.value(x) - y) <= 1e-9 * max(1.0, mean_y) for x, y in pts)
 
 
 def fit_job_curve(
@@ -859,38 +923,16 @@ def fit_job_curve(
                     share = two_share
     else:
         gx, gy, method = concave_l1_fit([x for x, _ in pts], [y for _, y in pts])
-        xs, ys = list(gx), list(gy)
-        if lo < xs[0]:
-            ext_draw = min(max(free_draw or (max(measured) if measured else hi), lo), hi)
-            ex, ey = _extend_below(xs, ys, lo, ext_draw, PRIOR_SHAPES[shape])
-            xs, ys = ex + xs, ey + ys
-        if free_draw is not None and xs[-1] < min(free_draw, hi):
-            ax, ay = _extend_above(xs, ys, min(free_draw, hi), PRIOR_SHAPES[shape])
-            xs, ys = xs + ax, ys + ay
-        if xs[-1] < hi:
-            xs.append(hi)
-            ys.append(ys[-1])
-        # flat above the unconstrained draw
-        fitted = Curve(*_simplify(xs, ys))
-        if free_draw is not None:
-            draw = free_draw
-        else:
-            draw = max(measured) if measured else fitted.saturation_w
-        draw = min(max(draw, lo), hi)
-        if draw < fitted.saturation_w:
-            top = fitted.value(draw)
-            keep = [(x, y) for x, y in zip(xs, ys, strict=True) if x < draw]
-            tail_x = [draw, hi] if draw < hi else [draw]
-            xs = [x for x, _ in keep] + tail_x
-            ys = [y for _, y in keep] + [top] * len(tail_x)
+        xs, ys, draw, free = _free_curve(
+            gx, gy, lo, hi, free_draw, max(measured) if measured else None, PRIOR_SHAPES[shape]
+        )
         shape_fit = _shape_model(pts, draw, lo, hi)
         sx, sy, shape_sd = shape_fit.grid, shape_fit.values, shape_fit.sd
         # per-x share of the samples: what a free fit's value at one cap rests on
         per_x = len(pts) / distinct
-        free = Curve(*_simplify(*_dedupe([float(x) for x in xs], [float(y) for y in ys])))
         # a concave curve through every sample leaves nothing to smooth away: keep it,
         # unless the fleet's noise says the samples are noisier than that
-        interpolates = all(abs(free.value(x) - y) <= 1e-9 * max(1.0, mean_y) for x, y in pts)
+        interpolates = _passes_through(free, pts, mean_y)
         borrowed = interpolates and fleet_noise is not None and _pure_error(pts) is None
         if borrowed:
             assert fleet_noise is not None
@@ -1027,8 +1069,7 @@ def fleet_share(shares: Sequence[tuple[float, float]]) -> FleetShare | None:
 def _fleet_group(fit: CurveFit, gpus: Sequence[Gpu]) -> tuple[str, bool]:
     """Jobs that pool their shapes: one GPU model, and alike in how much of
     their power limit they use (the line the evidence rule draws, ``_choose_shape``)."""
-    default_w = max(g.default_w for g in gpus)
-    return gpus[0].model, fit.draw_w <= MEMORY_BOUND_DRAW_SHARE * default_w
+    return _fleet_group_of(gpus, fit.draw_w)
 
 
 def _pooled_fit(
@@ -1108,13 +1149,719 @@ def _pool(
     return out
 
 
-def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
-    """A fitted curve for every job, by job id.
+# --- fitting a whole problem at once ------------------------------------------
+#
+# ``fit_job_curve`` and ``_pool`` define the fits job by job and stay their
+# readable definition: ``_fit_curves_reference`` runs them, and the tests and
+# ``bench/optimizer_scale.py`` hold ``fit_curves`` to it. ``fit_curves`` computes
+# the same fits for all of a problem's jobs at once: the samples of the jobs
+# with the same number of them as one array each (a ``_Bucket``, one row per
+# job), and every statistic of the per-job code (the points, the shape the
+# evidence picks, the noise, the two-shape model, its F test, the margins, the
+# fleet's noise and jitter, fleet pooling) as array operations over the rows.
+# Python loops over the rows only to assemble breakpoints. A row whose curve a
+# free concave fit decides (an L1 LP, ``"exact"`` / ``"lp-l1"``), whose samples
+# hardly tell the two shapes apart, or that the arrays could read differently
+# from the per-job code (two caps within rounding of each other, a sample with
+# neither cap nor reading) is fitted by ``fit_job_curve`` itself: the arrays
+# leave out nothing the per-job code decides, they leave those jobs to it.
 
-    Jobs with identical samples on the same GPU models and cap ranges share
-    one fit (fleets run many replicas of one job). The slowdown margins hold
-    with the problem's ``objective.slowdown_confidence``. With ``pool``,
-    jobs of a kind pool their shapes across the fleet (``_pool``).
+# Knot shares of the two shapes together: a mix's breakpoints are these times its draw.
+_MIX_SHARES: Final = np.array(sorted({p for s in PRIOR_SHAPES.values() for p, _ in s}))
+
+
+def _margin_table() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """At _share_margin's caps as shares of the draw: ``1 - compute`` and
+    ``memory - compute``, and their change as the draw moves its step up from
+    one below (the x of the per-job code's central difference)."""
+    u = np.linspace(_MARGIN_FROM, 1.0, _MARGIN_CAPS)
+
+    def at(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fc = _relative_shape(PRIOR_COMPUTE_BOUND, v)
+        return 1.0 - fc, _relative_shape(PRIOR_MEMORY_BOUND, v) - fc
+
+    (lift, gap), (lift_up, gap_up), (lift_dn, gap_dn) = (
+        at(u / (1.0 + step)) for step in (0.0, _DRAW_STEP, -_DRAW_STEP)
+    )
+    return (lift, gap), (lift_up - lift_dn, gap_up - gap_dn)
+
+
+_MARGIN_TABLE: Final = _margin_table()
+# A row whose point sequence is off every concave curve by more than this share
+# of its mean throughput (or 1) cannot pass through its samples: far above
+# ``_passes_through``'s 1e-9, so that the rounding of the arrays cannot matter.
+_OFF_CONCAVE: Final = 1e-6
+# Caps closer than this may round to one (``round(x, 6)``) or not; such a row
+# is left to the per-job code.
+_CLOSE_CAPS: Final = 2e-6
+# The two-shape model's columns must differ by more than this (1 - cos²): closer,
+# its weights rest on rounding and the per-job NNLS decides them.
+_COLLINEAR: Final = 1e-6
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Distinct fits whose jobs have the same number of samples, one row each.
+
+    Samples as ``(rows, samples)`` arrays, NaN where a sample has no cap or
+    no reading; the GPUs' cap range per row.
+    """
+
+    rows: list[int]  # the fits' positions among the problem's distinct fits
+    jobs: list[Job]
+    gpus: list[list[Gpu]]
+    y: np.ndarray
+    cap: np.ndarray
+    power: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    default: np.ndarray
+    allowed: np.ndarray
+    model_memory: np.ndarray  # the GPU model's table entry is the memory-bound shape
+
+    @staticmethod
+    def of(rows: list[int], jobs: list[Job], gpus: list[list[Gpu]]) -> _Bucket:
+        fields = operator.attrgetter("throughput", "cap_w", "power_w")
+        # None reads as NaN
+        v = np.array([list(map(fields, j.samples)) for j in jobs], dtype=float)
+        v = v.reshape(len(jobs), -1, 3)
+        return _Bucket(
+            rows,
+            jobs,
+            gpus,
+            v[:, :, 0],
+            v[:, :, 1],
+            v[:, :, 2],
+            np.array([min(g.min_w for g in gs) for gs in gpus]),
+            np.array([max(g.max_w for g in gs) for gs in gpus]),
+            np.array([max(g.default_w for g in gs) for gs in gpus]),
+            np.array([j.allowed_slowdown for j in jobs]),
+            np.array([prior_for_model(gs[0].model) is PRIOR_MEMORY_BOUND for gs in gpus]),
+        )
+
+    def points(self, default: np.ndarray | float) -> _Points:
+        """``_aggregate_points`` (and ``_unheld``) for every row."""
+        has_p, has_c = ~np.isnan(self.power), ~np.isnan(self.cap)
+        top = np.where(has_p, self.power, -np.inf).max(axis=1)
+        top = np.where(has_p.any(axis=1), top, 0.0)
+        with np.errstate(invalid="ignore"):
+            below_cap = self.power < POWER_LIMITED_SHARE * self.cap
+            at_default = self.cap >= np.asarray(default)[..., None] - _EPS
+            near_top = self.power >= DRAW_SPREAD_SHARE * top[:, None]
+        unheld = has_p & (~has_c | below_cap | at_default) & (~has_c | near_top)
+        # the median of the unheld readings: np.median's two middle values, or one
+        n = unheld.sum(axis=1)
+        v = np.sort(np.where(unheld, self.power, np.inf), axis=1)
+        ends = np.stack([np.maximum(n - 1, 0) // 2, np.minimum(n // 2, v.shape[1] - 1)], axis=1)
+        mid = np.take_along_axis(v, ends, axis=1)
+        draw = np.where(n > 0, (mid[:, 0] + mid[:, 1]) / 2, np.nan)
+        x = np.where(unheld, draw[:, None], self.cap)
+        return _Points(x, unheld, draw)
+
+    def draw_se(self, unheld: np.ndarray, jitter: float) -> np.ndarray:
+        """``_draw_se`` for every row, given its unheld samples."""
+        has_p, has_c = ~np.isnan(self.power), ~np.isnan(self.cap)
+        held = ~unheld & has_p & has_c
+        free_sd, n_free, one = _masked_sd(self.power, unheld)
+        held_sd, n_held, _ = _masked_sd(self.power / np.where(held, self.cap, 1.0), held)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            many = free_sd / np.sqrt(n_free)
+        single = one * np.where(n_held >= 2, held_sd, jitter)
+        return np.where(n_free >= 2, many, np.where(n_free == 1, single, 0.0))
+
+    def jitter_ss(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, ``_fleet_jitter``'s sum of squares and degrees of freedom."""
+        unheld = self.points(math.inf).unheld
+        held = ~unheld & ~np.isnan(self.power) & ~np.isnan(self.cap)
+        _, n_free, one = _masked_sd(self.power, unheld)
+        mean = np.where(n_free > 0, one / np.maximum(n_free, 1), 1.0)  # one: their sum
+        rel_sd, _, _ = _masked_sd(self.power / mean[:, None], unheld)
+        held_sd, n_held, _ = _masked_sd(self.power / np.where(held, self.cap, 1.0), held)
+        ss = np.zeros(len(self.jobs))
+        dof = np.zeros(len(self.jobs), dtype=int)
+        for sd, n in ((rel_sd, n_free), (held_sd, n_held)):
+            ok = n >= 2
+            ss += np.where(ok, sd**2 * (n - 1), 0.0)
+            dof += np.where(ok, n - 1, 0)
+        return ss, dof
+
+
+def _masked_sd(v: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the SD (``ddof=1``) of ``v`` where ``mask``, how many, and their sum."""
+    n = mask.sum(axis=1)
+    total = np.where(mask, v, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n
+        ss = (np.where(mask, v - mean[:, None], 0.0) ** 2).sum(axis=1)
+        sd = np.sqrt(ss / (n - 1))
+    return sd, n, total
+
+
+@dataclass(frozen=True)
+class _Points:
+    """A bucket's fitting points (``_aggregate_points``)."""
+
+    x: np.ndarray  # (rows, samples) the sample's effective cap
+    unheld: np.ndarray  # (rows, samples) it saw the job's unconstrained draw
+    draw: np.ndarray  # (rows,) the measured unconstrained draw, NaN where never seen
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """Each row's points grouped by equal x (``by_x`` in the per-job code).
+
+    ``(rows, samples)`` arrays, the groups in order of x, left-aligned: group
+    ``k`` of a row is valid while ``k < n`` of the row.
+    """
+
+    n: np.ndarray  # (rows,) groups per row: the distinct x
+    valid: np.ndarray
+    x: np.ndarray
+    count: np.ndarray
+    mean: np.ndarray
+    median: np.ndarray
+    ss: np.ndarray  # sum of squares about the group's mean
+    spread: np.ndarray  # highest minus lowest y
+    rel_ss: np.ndarray  # sum of squares of y over the group's mean, about their mean
+
+    @staticmethod
+    def of(x: np.ndarray, y: np.ndarray) -> _Groups:
+        rows, m = x.shape
+        order = np.lexsort((y, x), axis=-1)
+        xs, ys = np.take_along_axis(x, order, 1), np.take_along_axis(y, order, 1)
+        new = np.ones((rows, m), dtype=bool)
+        new[:, 1:] = xs[:, 1:] != xs[:, :-1]
+        gid = np.cumsum(new, axis=1) - 1 + m * np.arange(rows)[:, None]
+
+        def per_group(w: np.ndarray | None = None) -> np.ndarray:
+            out = np.bincount(gid.ravel(), None if w is None else w.ravel(), rows * m)
+            return out.reshape(rows, m)
+
+        count = per_group().astype(int)
+        valid = count > 0
+        safe = np.maximum(count, 1)
+        mean = per_group(ys) / safe
+        flat_mean = mean.ravel()[gid]
+        start = np.minimum(np.cumsum(count, axis=1) - count, m - 1)
+
+        def at(k: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(ys, np.clip(k, 0, m - 1), 1)
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = ys / flat_mean
+        rel_mean = per_group(rel) / safe
+        return _Groups(
+            n=valid.sum(axis=1),
+            valid=valid,
+            x=np.take_along_axis(xs, start, 1),
+            count=count,
+            mean=mean,
+            median=(at(start + (count - 1) // 2) + at(start + count // 2)) / 2,
+            ss=per_group((ys - flat_mean) ** 2),
+            spread=at(start + count - 1) - at(start),
+            rel_ss=per_group((rel - rel_mean.ravel()[gid]) ** 2),
+        )
+
+    def noise_sd(self) -> tuple[np.ndarray, np.ndarray]:
+        """``_noise_sd`` per row: the SD (NaN for None) and its degrees of freedom (0 for None)."""
+        pure_ss = np.where(self.valid, self.ss, 0.0).sum(axis=1)
+        pure_dof = np.where(self.valid, self.count - 1, 0).sum(axis=1)
+        # each inner x against the line through its neighbours (Gasser et al.)
+        xp, xm, xn = self.x[:, :-2], self.x[:, 1:-1], self.x[:, 2:]
+        cp, cm, cn = (np.maximum(self.count[:, k], 1) for k in _thirds(self.x.shape[1]))
+        mp, mm, mn = (self.mean[:, k] for k in _thirds(self.x.shape[1]))
+        inner = self.valid[:, 2:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            h = xn - xp
+            a, b = (xn - xm) / h, (xm - xp) / h
+            e = a * mp + b * mn - mm
+            c2 = a * a / cp + b * b / cn + 1.0 / cm
+            diff_ss = np.where(inner, e * e / c2, 0.0).sum(axis=1)
+        pure_only = pure_dof >= np.maximum(2, self.n - 2)
+        ss = np.where(pure_only, pure_ss, pure_ss + diff_ss)
+        dof = np.where(pure_only, pure_dof, pure_dof + np.maximum(self.n - 2, 0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sd = np.where(dof > 0, np.sqrt(ss / dof), np.nan)
+        return sd, dof
+
+    def medians_concave(self) -> np.ndarray:
+        """Per row, whether the per-x medians are ``concave_l1_fit``'s exact optimum."""
+        med = np.where(self.valid, self.median, 0.0)
+        scale = np.maximum(1e-12, np.abs(med).max(axis=1))[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slope = (self.median[:, 1:] - self.median[:, :-1]) / (self.x[:, 1:] - self.x[:, :-1])
+        falls = self.valid[:, 1:] & (slope < -1e-12 * scale)
+        bends = self.valid[:, 2:] & ~(slope[:, 1:] <= slope[:, :-1] + 1e-12 * scale)
+        low = np.where(self.valid, self.median, np.inf).min(axis=1)
+        return np.asarray(~falls.any(axis=1) & ~bends.any(axis=1) & (low >= 0))
+
+    def off_concave(self, tol: np.ndarray) -> np.ndarray:
+        """Per row, whether no concave non-decreasing curve >= 0 comes within ``tol``
+        of every sample: one x's samples differ, or its medians fall, or dip below
+        the chord of their neighbours, or lie below 0, by more than that."""
+        t = tol[:, None]
+        differ = self.valid & (self.spread > t)
+        below = self.valid & (self.median < -t)
+        peak = np.fmax.accumulate(np.where(self.valid, self.median, -np.inf), axis=1)
+        falls = self.valid[:, 1:] & (peak[:, :-1] - self.median[:, 1:] > t)
+        xp, xm, xn = (self.x[:, k] for k in _thirds(self.x.shape[1]))
+        mp, mm, mn = (self.median[:, k] for k in _thirds(self.x.shape[1]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            chord = ((xn - xm) * mp + (xm - xp) * mn) / (xn - xp)
+        dips = self.valid[:, 2:] & (chord - mm > t)
+        off = differ.any(axis=1) | below.any(axis=1) | falls.any(axis=1) | dips.any(axis=1)
+        return np.asarray(off)
+
+
+def _thirds(m: int) -> tuple[slice, slice, slice]:
+    """Column slices of each group's left neighbour, itself and its right neighbour."""
+    return slice(0, max(m - 2, 0)), slice(1, max(m - 1, 1)), slice(2, m)
+
+
+@dataclass(frozen=True)
+class _ShapeFits:
+    """``_shape_model`` for every row of a bucket (without the breakpoints)."""
+
+    coef: np.ndarray  # (rows, 2) compute, memory weights >= 0
+    sd: np.ndarray
+    dof: np.ndarray
+    gram: np.ndarray  # (rows, 3): AᵀA's (0, 0), (0, 1), (1, 1)
+    well_posed: np.ndarray  # the columns differ by more than _COLLINEAR
+
+    @staticmethod
+    def of(x: np.ndarray, y: np.ndarray, draw: np.ndarray) -> _ShapeFits:
+        u = x / draw[:, None]
+        fc = _relative_shape(PRIOR_COMPUTE_BOUND, u)
+        fm = _relative_shape(PRIOR_MEMORY_BOUND, u)
+        g00, g01, g11 = (fc * fc).sum(1), (fc * fm).sum(1), (fm * fm).sum(1)
+        r0, r1 = (fc * y).sum(1), (fm * y).sum(1)
+        det = g00 * g11 - g01 * g01
+        well_posed = det > _COLLINEAR * g00 * g11
+        # the non-negative least squares of two columns: the unconstrained
+        # solution where both weights are >= 0, else the better of one column alone
+        with np.errstate(invalid="ignore", divide="ignore"):
+            a, b = (g11 * r0 - g01 * r1) / det, (g00 * r1 - g01 * r0) / det
+            a1 = np.where(g00 > 0, np.maximum(0.0, r0 / g00), 0.0)
+            b2 = np.where(g11 > 0, np.maximum(0.0, r1 / g11), 0.0)
+        ss1 = ((y - a1[:, None] * fc) ** 2).sum(1)
+        ss2 = ((y - b2[:, None] * fm) ** 2).sum(1)
+        inside = well_posed & (a >= 0) & (b >= 0)
+        one = ss1 <= ss2
+        coef = np.stack(
+            [
+                np.where(inside, a, np.where(one, a1, 0.0)),
+                np.where(inside, b, np.where(one, 0.0, b2)),
+            ],
+            axis=1,
+        )
+        res = y - (fc * coef[:, :1] + fm * coef[:, 1:])
+        dof = np.full(len(y), max(1, x.shape[1] - 2))
+        sd = np.sqrt((res * res).sum(1) / dof)
+        return _ShapeFits(coef, sd, dof, np.stack([g00, g01, g11], axis=1), well_posed)
+
+    def memory_share(self, sd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_memory_share`` per row: w, its SD, and whether there is one (a + b > 0)."""
+        a, b = self.coef[:, 0], self.coef[:, 1]
+        g00, g01, g11 = self.gram.T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w = b / (a + b)
+            det = g00 * g11 - g01 * g01
+            da, db = -b / (a + b) ** 2, a / (a + b) ** 2
+            var = sd * sd * (da * da * g11 - 2 * da * db * g01 + db * db * g00) / det
+        return w, np.sqrt(np.maximum(0.0, var)), a + b > 0.0
+
+
+def _explains(
+    sd: np.ndarray, dof: np.ndarray, noise_sd: np.ndarray, noise_dof: np.ndarray, mean_y: np.ndarray
+) -> np.ndarray:
+    """``_shape_explains`` per row; ``noise_dof`` 0 where there is no noise estimate."""
+    small = sd <= SHAPE_ABS_TOL * mean_y
+    test = ~small & (noise_dof > 0) & (noise_sd > 0.0)
+    crit = np.full(len(sd), np.nan)
+    if test.any():
+        pairs = zip(dof[test].tolist(), noise_dof[test].tolist(), strict=True)
+        crit[test] = [_f_critical(a, b) for a, b in pairs]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(small | (test & ((sd / noise_sd) ** 2 <= crit)))
+
+
+def _share_margins(
+    w: np.ndarray,
+    w_sd: np.ndarray,
+    draw: np.ndarray,
+    draw_se: np.ndarray,
+    allowed: np.ndarray,
+    z: float,
+) -> np.ndarray:
+    """``_share_margin`` per row. Its caps as shares of the draw are one table
+    for every row, and the slowdown there is ``1 - compute - w (memory - compute)``."""
+    out = np.empty(len(w))
+    for k in range(0, len(w), 2048):  # rows at a time: the (rows, caps) arrays stay in cache
+        part = slice(k, k + 2048)
+        out[part] = _share_margin_rows(
+            w[part], w_sd[part], draw[part], draw_se[part], allowed[part], z
+        )  # fmt: skip
+    return out
+
+
+def _share_margin_rows(
+    w: np.ndarray,
+    w_sd: np.ndarray,
+    draw: np.ndarray,
+    draw_se: np.ndarray,
+    allowed: np.ndarray,
+    z: float,
+) -> np.ndarray:
+    finite = np.isfinite(w_sd)
+    w_lo = np.maximum(0.0, w - z * np.where(finite, w_sd, 0.0))
+    lift, gap = _MARGIN_TABLE[0]
+    s_hat = lift - w[:, None] * gap
+    dev = (w - w_lo)[:, None] * gap
+    # the slowdown's derivative by the draw, times the draw's SE and z
+    d_lift, d_gap = _MARGIN_TABLE[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = z * draw_se / (2 * _DRAW_STEP * draw)
+    ds = (d_lift - w[:, None] * d_gap) * scale[:, None]
+    upper = s_hat + np.where((draw_se > 0.0)[:, None], np.sqrt(dev * dev + ds * ds), dev)
+    bad = upper > (allowed + _EPS)[:, None]
+    n = bad.shape[1]
+    first = np.where(bad.any(axis=1), n - np.argmax(bad[:, ::-1], axis=1), 0)
+    at = np.take_along_axis(s_hat, np.minimum(first, n - 1)[:, None], 1)[:, 0]
+    margin = np.where(first >= n, allowed, np.minimum(allowed, np.maximum(0.0, allowed - at)))
+    return np.where(allowed <= 0.0, 0.0, np.where(finite, margin, allowed))
+
+
+def _shape_gaps(draw: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """``_shape_gap`` of the memory-bound shape per row."""
+    x = np.linspace(np.minimum(lo, draw), draw, 65, axis=1)
+    u = x / draw[:, None]
+    gap = _relative_shape(PRIOR_MEMORY_BOUND, u) - _relative_shape(PRIOR_COMPUTE_BOUND, u)
+    return np.asarray(np.maximum(0.0, gap.max(axis=1)))
+
+
+def _mix_basis(draw: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row, ``_mix_grid``'s candidate breakpoints (lo, hi and every knot share
+    times the draw) and the two shapes there."""
+    x = np.column_stack([lo, hi, _MIX_SHARES[None, :] * draw[:, None]])
+    u = x / draw[:, None]
+    return x, _relative_shape(PRIOR_COMPUTE_BOUND, u), _relative_shape(PRIOR_MEMORY_BOUND, u)
+
+
+def _mix_curve(x: list[float], v: list[float], lo: float, hi: float) -> Curve:
+    """The curve through ``_mix_basis``'s candidates on [lo, hi] (``_mix_grid``)."""
+    pts = sorted({a: b for a, b in zip(x, v, strict=True) if lo <= a <= hi}.items())
+    return _concave_curve([a for a, _ in pts], [b for _, b in pts])
+
+
+_PRIOR, _SHAPE, _REFERENCE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _BucketFits:
+    """A bucket's fits before pooling: ``method`` per row (``_PRIOR``, ``_SHAPE``,
+    or ``_REFERENCE``: left to ``fit_job_curve``, whose fit is in ``reference``)."""
+
+    method: np.ndarray
+    draw: np.ndarray
+    memory: np.ndarray  # the evidence picks the memory-bound prior shape
+    margin: np.ndarray
+    share: np.ndarray  # (rows, 2) w and its SD; NaN where there is none
+    coef: np.ndarray
+    distinct: np.ndarray
+    points: _Points
+    reference: dict[int, CurveFit]
+
+
+def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> _BucketFits:
+    """``fit_job_curve`` for every row of ``b`` that ends on a prior or two-shape fit."""
+    rows, m = b.y.shape
+    y = b.y
+    pts = b.points(b.default)
+    g = _Groups.of(pts.x, y)
+    distinct = g.n
+    refer = np.isnan(pts.x).any(axis=1)  # a sample with neither cap nor reading
+    with np.errstate(invalid="ignore"):
+        refer |= (g.valid[:, 1:] & (g.x[:, 1:] - g.x[:, :-1] < _CLOSE_CAPS)).any(axis=1)
+    has_p = ~np.isnan(b.power)
+    measured = has_p.any(axis=1)
+    top_measured = np.where(has_p, b.power, -np.inf).max(axis=1)
+    x_top = np.where(np.isnan(pts.x), -np.inf, pts.x).max(axis=1)
+    # every measured sample held by its cap: the default (see fit_job_curve)
+    free_draw = np.where(np.isnan(pts.draw) & measured, np.maximum(b.default, x_top), pts.draw)
+    seen = ~np.isnan(free_draw)
+    mean_y = y.sum(axis=1) / m
+
+    # the prior shape the evidence picks (_choose_shape)
+    d = np.where(seen, free_draw, x_top)
+    sse = []
+    for shape in (PRIOR_COMPUTE_BOUND, PRIOR_MEMORY_BOUND):
+        r = _relative_shape(shape, pts.x / d[:, None])
+        den = (r * r).sum(1)
+        k = np.divide((r * y).sum(1), den, out=np.zeros(rows), where=den > 0)
+        sse.append(((y - k[:, None] * r) ** 2).sum(1))
+    by_draw = (seen & (free_draw <= MEMORY_BOUND_DRAW_SHARE * b.default)) | b.model_memory
+    memory = np.where(distinct >= 2, sse[1] < sse[0], by_draw)
+
+    # the job's own noise, moderated toward the fleet's (_moderated)
+    noise_sd, noise_dof = g.noise_sd()
+    if fleet_noise is not None:
+        d0 = FLEET_NOISE_PRIOR_DOF
+        var = (d0 * (fleet_noise[0] * mean_y) ** 2 + noise_dof * noise_sd**2) / (d0 + noise_dof)
+        noise_sd = np.where(noise_dof > 0, np.sqrt(var), np.nan)
+        noise_dof = np.where(noise_dof > 0, noise_dof + d0, 0)
+
+    prior = distinct < MIN_DISTINCT_CAPS
+    refer |= ~prior & ~seen  # the free fit's saturation is the draw
+    draw = np.minimum(np.maximum(np.where(seen, free_draw, b.default), b.lo), b.hi)
+    two = _ShapeFits.of(pts.x, y, draw)
+    two_shape = prior & (distinct == 2) & (mean_y > 0) & (noise_dof > 0)
+    refer |= ~two.well_posed & (~prior | two_shape)
+
+    # many caps: does the free concave fit pass through every sample? Where its
+    # medians are the exact optimum, the per-job code answers; where they are
+    # not, the samples being off every concave curve answers no; else its LP would
+    interpolates = np.zeros(rows, dtype=bool)
+    exact = g.medians_concave()
+    off = g.off_concave(_OFF_CONCAVE * np.maximum(1.0, mean_y))
+    refer |= ~prior & ~exact & ~off
+    for i in np.flatnonzero(~prior & ~refer & exact & ~off):
+        n = int(g.n[i])
+        row_pts = list(zip(pts.x[i].tolist(), y[i].tolist(), strict=True))
+        shape = PRIOR_SHAPES["memory" if memory[i] else "compute"]
+        top = float(top_measured[i]) if measured[i] else None
+        _, _, _, free = _free_curve(
+            g.x[i, :n].tolist(), g.median[i, :n].tolist(), float(b.lo[i]), float(b.hi[i]),
+            float(free_draw[i]), top, shape,
+        )  # fmt: skip
+        interpolates[i] = _passes_through(free, row_pts, float(mean_y[i]))
+    borrowed = interpolates & (fleet_noise is not None) & (g.n == m)  # no replicates
+    if fleet_noise is not None:
+        use_sd = np.where(borrowed, fleet_noise[0] * mean_y, noise_sd)
+        use_dof = np.where(borrowed, fleet_noise[1], noise_dof)
+    else:
+        use_sd, use_dof = noise_sd, noise_dof
+    testable = borrowed | ~interpolates
+    many_shape = (
+        ~prior & (mean_y > 0) & testable & _explains(two.sd, two.dof, use_sd, use_dof, mean_y)
+    )
+    refer |= ~prior & ~many_shape  # the free fit is the curve
+
+    # few caps: the prior, or the two-shape model where its margin is smaller
+    gap = np.zeros(rows)
+    mem_prior = prior & memory
+    if mem_prior.any():
+        gap[mem_prior] = _shape_gaps(draw[mem_prior], b.lo[mem_prior])
+    margin = PRIOR_SLOWDOWN_MARGIN + gap
+    two_shape &= _explains(two.sd, two.dof, noise_sd, noise_dof, mean_y)
+
+    sd = np.where(prior, noise_sd, np.where(use_dof > 0, use_sd, two.sd))
+    w, w_sd, has_share = two.memory_share(np.maximum(sd, two.sd))
+    shape_margin = np.zeros(rows)
+    take = (many_shape | two_shape) & ~refer
+    if take.any():
+        se = b.draw_se(pts.unheld, 0.0)
+        ok = take & has_share
+        shape_margin[ok] = _share_margins(
+            w[ok], w_sd[ok], draw[ok], se[ok], b.allowed[ok], z
+        )  # fmt: skip
+    take &= many_shape | (shape_margin < margin)
+    method = np.where(refer, _REFERENCE, np.where(take, _SHAPE, _PRIOR))
+    share = np.where((take & has_share)[:, None], np.stack([w, w_sd], axis=1), np.nan)
+    return _BucketFits(
+        method, draw, memory, np.where(take, shape_margin, margin), share, two.coef,
+        distinct, pts, {},
+    )  # fmt: skip
+
+
+def _fit_key(job: Job, gpus: Sequence[Gpu]) -> tuple[object, ...]:
+    """Jobs with equal keys have equal fits (fleets run many replicas of one job)."""
+    return (
+        job.samples,
+        job.allowed_slowdown,  # the slowdown margin is taken where the floor binds
+        min(g.min_w for g in gpus),
+        max(g.max_w for g in gpus),
+        max(g.default_w for g in gpus),
+        gpus[0].model,
+    )
+
+
+def _buckets_noise(buckets: Sequence[_Bucket], mult: Sequence[int]) -> tuple[float, int] | None:
+    """``_fleet_noise`` over every job: each bucket row counts for its jobs."""
+    ss, dof = 0.0, 0
+    for b in buckets:
+        g = _Groups.of(b.points(math.inf).x, b.y)
+        ok = g.valid & (g.mean > 0)
+        k = np.array([mult[r] for r in b.rows])
+        ss += float(k @ np.where(ok, g.rel_ss, 0.0).sum(axis=1))
+        dof += int(k @ np.where(ok, g.count - 1, 0).sum(axis=1))
+    return (math.sqrt(ss / dof), dof) if dof >= FLEET_MIN_FITS else None
+
+
+def _buckets_jitter(buckets: Sequence[_Bucket], mult: Sequence[int]) -> float:
+    """``_fleet_jitter`` over every job: each bucket row counts for its jobs."""
+    ss, dof = 0.0, 0
+    for b in buckets:
+        k = np.array([mult[r] for r in b.rows])
+        row_ss, row_dof = b.jitter_ss()
+        ss += float(k @ row_ss)
+        dof += int(k @ row_dof)
+    return math.sqrt(ss / dof) if dof else 0.0
+
+
+_Summary = tuple[str, float, tuple[float, float] | None]  # method, draw, memory share
+
+
+def _summaries(
+    buckets: Sequence[_Bucket], fitted: Sequence[_BucketFits], fits: Sequence[CurveFit | None]
+) -> list[_Summary]:
+    """Per distinct fit, what pooling reads of it; ``fits`` holds the fits of
+    jobs without samples."""
+    out: list[_Summary] = [
+        (f.method, f.draw_w, f.memory_share) if f is not None else ("", 0.0, None) for f in fits
+    ]
+    for b, bf in zip(buckets, fitted, strict=True):
+        shares = bf.share.tolist()
+        for i, r in enumerate(b.rows):
+            ref = bf.reference.get(i)
+            if ref is not None:
+                out[r] = (ref.method, ref.draw_w, ref.memory_share)
+            else:
+                w, sd = shares[i]
+                method = "shape" if bf.method[i] == _SHAPE else "prior"
+                out[r] = (method, float(bf.draw[i]), None if math.isnan(w) else (w, sd))
+    return out
+
+
+def _pooled_shares(
+    summary: Sequence[_Summary], firsts: Sequence[tuple[Job, list[Gpu]]]
+) -> dict[int, tuple[float, float]]:
+    """``_pool``'s choice: the memory-bound share (and SD) of every fit it redoes."""
+    group = [_fleet_group_of(firsts[r][1], draw) for r, (_, draw, _) in enumerate(summary)]
+    by_group: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for r, (method, _, share) in enumerate(summary):
+        if method == "shape" and share is not None:
+            by_group.setdefault(group[r], []).append(share)
+    shares = {k: fleet_share(v) for k, v in by_group.items()}
+    pooled: dict[int, tuple[float, float]] = {}
+    for r, (method, _, share) in enumerate(summary):
+        fs = shares.get(group[r])
+        if fs is None:
+            continue
+        if method == "shape" and share is not None:
+            pooled[r] = fs.posterior(*share)
+        elif method == "prior":
+            pooled[r] = (fs.mean, fs.predictive_sd)
+    return pooled
+
+
+def _fleet_group_of(gpus: Sequence[Gpu], draw_w: float) -> tuple[str, bool]:
+    """``_fleet_group`` of a fit with draw ``draw_w``."""
+    default_w = max(g.default_w for g in gpus)
+    return gpus[0].model, draw_w <= MEMORY_BOUND_DRAW_SHARE * default_w
+
+
+def _pooled_curves(
+    b: _Bucket,
+    bf: _BucketFits,
+    sel: np.ndarray,
+    w: np.ndarray,
+    w_sd: np.ndarray,
+    draw: np.ndarray,
+    jitter: float,
+    z: float,
+) -> list[tuple[Curve, float]]:
+    """``_pooled_fit``'s curve and margin for rows ``sel`` of a bucket, with shares ``w``."""
+    x, y, lo, hi = bf.points.x[sel], b.y[sel], b.lo[sel], b.hi[sel]
+    u = x / draw[:, None]
+    mix = (1.0 - w)[:, None] * _relative_shape(PRIOR_COMPUTE_BOUND, u) + w[
+        :, None
+    ] * _relative_shape(PRIOR_MEMORY_BOUND, u)
+    den = (mix * mix).sum(axis=1)
+    level = np.divide((y * mix).sum(axis=1), den, out=np.ones(len(sel)), where=den > 0)
+    cand, fc, fm = _mix_basis(draw, lo, hi)
+    values = level[:, None] * ((1.0 - w)[:, None] * fc + w[:, None] * fm)
+    se = b.draw_se(bf.points.unheld, jitter)[sel]
+    margins = _share_margins(w, w_sd, draw, se, b.allowed[sel], z).tolist()
+    lo_l, hi_l = lo.tolist(), hi.tolist()
+    return [
+        (_mix_curve(cx, cv, lo_l[k], hi_l[k]), margins[k])
+        for k, (cx, cv) in enumerate(zip(cand.tolist(), values.tolist(), strict=True))
+    ]
+
+
+def _bucket_fits(
+    b: _Bucket,
+    bf: _BucketFits,
+    fits: list[CurveFit | None],
+    pooled_curves: dict[int, tuple[Curve, float]],
+    pooled: dict[int, tuple[float, float]],
+    summary: Sequence[tuple[str, float, tuple[float, float] | None]],
+) -> None:
+    """Every row's final ``CurveFit`` into ``fits``: pooled, the per-job code's, or the bucket's."""
+    m = b.y.shape[1]
+    draw = bf.draw.tolist()
+    distinct = bf.distinct.tolist()
+    lo, hi = b.lo.tolist(), b.hi.tolist()
+    todo = [i for i in range(len(b.rows)) if i not in pooled_curves and i not in bf.reference]
+    mix_x: list[list[float]] = []
+    mix_v: list[list[float]] = []
+    shapes = [i for i in todo if bf.method[i] == _SHAPE]
+    if shapes:
+        s = np.array(shapes)
+        cand, fc, fm = _mix_basis(bf.draw[s], b.lo[s], b.hi[s])
+        mix_x = cand.tolist()
+        mix_v = (bf.coef[s, :1] * fc + bf.coef[s, 1:] * fm).tolist()
+    at_shape = {i: k for k, i in enumerate(shapes)}
+    for i, r in enumerate(b.rows):
+        ref = bf.reference.get(i)
+        pts = list(zip(bf.points.x[i].tolist(), b.y[i].tolist(), strict=True))
+        shape = "memory" if bf.memory[i] else "compute"
+        if i in pooled_curves:
+            curve, margin = pooled_curves[i]
+            w = pooled[r][0]
+            fits[r] = CurveFit(
+                curve=curve,
+                method="shape" if summary[r][0] == "shape" else "fleet",
+                n_samples=ref.n_samples if ref is not None else m,
+                n_distinct_caps=ref.n_distinct_caps if ref is not None else distinct[i],
+                rmse_rel=_rmse_rel(curve, pts),
+                draw_w=summary[r][1],
+                shape="memory" if w >= 0.5 else "compute",
+                slowdown_margin=margin,
+                memory_share=pooled[r],
+            )
+            continue
+        if ref is not None:
+            fits[r] = ref
+            continue
+        share: tuple[float, float] | None = None
+        if i in at_shape:
+            k = at_shape[i]
+            curve = _mix_curve(mix_x[k], mix_v[k], lo[i], hi[i])
+            method = "shape"
+            share = summary[r][2]
+        else:
+            xs, ys = _prior_curve(PRIOR_SHAPES[shape], draw[i], lo[i], hi[i], pts)
+            curve = _concave_curve(xs, ys)
+            method = "prior"
+        fits[r] = CurveFit(
+            curve=curve,
+            method=method,
+            n_samples=m,
+            n_distinct_caps=distinct[i],
+            rmse_rel=_rmse_rel(curve, pts),
+            draw_w=draw[i],
+            shape=shape,
+            slowdown_margin=float(bf.margin[i]),
+            memory_share=share,
+        )
+
+
+def _fit_curves_reference(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
+    """``fit_curves`` job by job: ``fit_job_curve`` per distinct fit, then ``_pool``.
+
+    The readable definition of the fits, kept as the reference the tests and
+    ``bench/optimizer_scale.py`` hold the batched ``fit_curves`` to (and time it against).
     """
     z = float(norm.ppf(problem.objective.slowdown_confidence))
     noise = _fleet_noise(problem.jobs) if pool else None
@@ -1122,20 +1869,76 @@ def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
     cache: dict[tuple[object, ...], CurveFit] = {}
     for job in problem.jobs:
         gs = [problem.gpu(g) for g in job.gpus]
-        key = (
-            job.samples,
-            job.allowed_slowdown,  # the slowdown margin is taken where the floor binds
-            min(g.min_w for g in gs),
-            max(g.max_w for g in gs),
-            max(g.default_w for g in gs),
-            gs[0].model,
-        )
+        key = _fit_key(job, gs)
         fit = cache.get(key)
         if fit is None:
             fit = fit_job_curve(job, gs, z, noise)
             cache[key] = fit
         out[job.id] = fit
     return _pool(problem, out, list(cache.values()), z) if pool else out
+
+
+def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
+    """A fitted curve for every job, by job id.
+
+    Jobs with identical samples on the same GPU models and cap ranges share
+    one fit (fleets run many replicas of one job). The slowdown margins hold
+    with the problem's ``objective.slowdown_confidence``. With ``pool``,
+    jobs of a kind pool their shapes across the fleet (``_pool``). The fits
+    are ``fit_job_curve``'s and ``_pool``'s, computed for all jobs at once
+    (see "fitting a whole problem at once" above).
+    """
+    z = float(norm.ppf(problem.objective.slowdown_confidence))
+    index: dict[tuple[object, ...], int] = {}
+    firsts: list[tuple[Job, list[Gpu]]] = []
+    mult: list[int] = []
+    row_of: list[int] = []
+    for job in problem.jobs:
+        gs = [problem.gpu(g) for g in job.gpus]
+        r = index.setdefault(_fit_key(job, gs), len(firsts))
+        if r == len(firsts):
+            firsts.append((job, gs))
+            mult.append(0)
+        mult[r] += 1
+        row_of.append(r)
+    by_m: dict[int, list[int]] = {}
+    for r, (job, _) in enumerate(firsts):
+        by_m.setdefault(len(job.samples), []).append(r)
+    buckets = [
+        _Bucket.of(rs, [firsts[r][0] for r in rs], [firsts[r][1] for r in rs])
+        for m, rs in sorted(by_m.items())
+        if m > 0
+    ]
+    noise = _buckets_noise(buckets, mult) if pool else None
+    fits: list[CurveFit | None] = [None] * len(firsts)
+    for r in by_m.get(0, []):  # no samples: one prior, however many such jobs
+        fits[r] = fit_job_curve(*firsts[r], z, noise)
+    fitted = [_fit_bucket(b, z, noise) for b in buckets]
+    for b, bf in zip(buckets, fitted, strict=True):
+        for i in np.flatnonzero(bf.method == _REFERENCE).tolist():
+            bf.reference[i] = fit_job_curve(b.jobs[i], b.gpus[i], z, noise)
+    summary = _summaries(buckets, fitted, fits)
+    pooled = _pooled_shares(summary, firsts) if pool else {}
+    jitter = _buckets_jitter(buckets, mult) if pooled else 0.0
+    for r in by_m.get(0, []):
+        f = fits[r]
+        if f is not None and r in pooled:
+            fits[r] = _pooled_fit(*firsts[r], f, *pooled[r], jitter, z)
+    for b, bf in zip(buckets, fitted, strict=True):
+        sel = np.array([i for i, r in enumerate(b.rows) if r in pooled], dtype=int)
+        curves: dict[int, tuple[Curve, float]] = {}
+        if len(sel):
+            w, w_sd = np.array([pooled[b.rows[i]] for i in sel]).T
+            draw = np.array([summary[b.rows[i]][1] for i in sel])
+            pooled_rows = _pooled_curves(b, bf, sel, w, w_sd, draw, jitter, z)
+            curves = dict(zip(sel.tolist(), pooled_rows, strict=True))
+        _bucket_fits(b, bf, fits, curves, pooled, summary)
+    out: dict[str, CurveFit] = {}
+    for job, r in zip(problem.jobs, row_of, strict=True):
+        f = fits[r]
+        assert f is not None
+        out[job.id] = f
+    return out
 
 
 __all__ = [
