@@ -824,10 +824,10 @@ public_key = "{self.pub}"
         run = Run(label, which, fleet.n_gpus, window_s, wall, rss, rc, cpu)
         run.phases_line = phases_line(stderr)
         run.phases = parse_phases(run.phases_line)
-        if rc == 0 and which == "recommend":
+        if which == "recommend":  # exit 3 (floors relaxed) still prints the best-effort plan
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 run.gpus_seen = len(json.loads(stdout)["setpoints"])
-        elif rc == 0 and (m := _PUBLISHED.search(stdout)):
+        elif m := _PUBLISHED.search(stdout):
             run.gpus_seen = int(m.group(2))
         if rc != 0:
             run.error = killed or error_line(stderr)
@@ -958,7 +958,13 @@ def print_table(runs: list[Run]) -> None:
 
 
 def synthetic_solve(sizes: list[int]) -> None:
-    """(child mode) fit + capping solve on bench/optimizer_scale.py's fleet; one JSON per size."""
+    """(child mode) fit + capping solve on bench/optimizer_scale.py's fleet; one JSON per size.
+
+    That fleet's jobs repeat a few sample sets, which ``fit_curves`` fits once each; real
+    telemetry gives every job its own readings, so each sample here gets its own 1 % noise.
+    """
+    from dataclasses import replace
+
     from bench.optimizer_scale import synthetic_fleet  # type: ignore[import-not-found]
     from optimizer.capping import solve_capping
     from optimizer.curves import fit_curves
@@ -966,6 +972,18 @@ def synthetic_solve(sizes: list[int]) -> None:
     for n in sizes:
         t0 = time.perf_counter()
         p = synthetic_fleet(n)
+        rng = np.random.default_rng(n)
+        jobs = tuple(
+            replace(
+                j,
+                samples=tuple(
+                    replace(s, throughput=s.throughput * (1 + 0.01 * rng.standard_normal()))
+                    for s in j.samples
+                ),
+            )
+            for j in p.jobs
+        )
+        p = replace(p, jobs=jobs)
         t1 = time.perf_counter()
         fits = fit_curves(p)
         t2 = time.perf_counter()
@@ -984,16 +1002,19 @@ def synthetic_solve(sizes: list[int]) -> None:
 
 
 def fit_line(xs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(intercept, slope) of y against xs; through the origin from one point."""
+    """(intercept, slope) of y against xs: through the origin from one point; a cost does
+    not fall as the fleet grows, so a negative slope (noise) becomes a flat line."""
     if len(xs) == 1:
         return 0.0, float(y[0] / xs[0])
     slope, icpt = np.polyfit(xs, y, 1)
+    if slope < 0:
+        return float(np.mean(y)), 0.0
     return float(icpt), float(slope)
 
 
 def estimate(runs: list[Run], target_n: int, args: argparse.Namespace) -> None:
     """Lines through the measured phases against GPUs, plus fit + solve measured at target_n."""
-    ok = [r for r in runs if r.label.startswith("influx") and r.rc == 0]
+    ok = [r for r in runs if r.label.startswith("influx") and r.gpus_seen is not None]  # a plan
     by_window: dict[int, set[int]] = {}
     for r in ok:
         by_window.setdefault(r.window_s, set()).add(r.n_gpus)
@@ -1001,8 +1022,8 @@ def estimate(runs: list[Run], target_n: int, args: argparse.Namespace) -> None:
     measured = [r for r in ok if r.window_s == window]
     sizes = sorted({r.n_gpus for r in measured} | {target_n})
     print(
-        f"\n== {target_n:,} GPUs estimate (window {window} s; synthetic fit + solve at "
-        f"{', '.join(f'{n:,}' for n in sizes)} GPUs)"
+        f"\n== {target_n:,} GPUs estimate (influxd runs at window {window or 'none'} s; "
+        f"synthetic fit + solve at {', '.join(f'{n:,}' for n in sizes)} GPUs)"
     )
     argv = [sys.executable, str(Path(__file__).resolve()), "--synthetic-solve", *map(str, sizes)]
     argv += ["--code", str(args.code)]
@@ -1038,11 +1059,15 @@ def estimate(runs: list[Run], target_n: int, args: argparse.Namespace) -> None:
         walls = np.array([r.wall_s for _, r in pts])
         other = walls - fit - solve - read - publish  # start-up, snapshot, report, (read, publish)
         at = {
-            name: icpt + slope * target_n
+            name: max(0.0, icpt + slope * target_n)
             for name, y in (("read", read), ("publish", publish), ("other", other))
             for icpt, slope in [fit_line(xs, y)]
         }
-        at["fit"], at["solve"] = big["fit_s"], big["solve_s"]
+        # fit and solve at target_n: measured there on the synthetic problem, or the line
+        # through the measured ones where that is longer (real jobs are not the synthetic ones)
+        for name, y in (("fit", fit), ("solve", solve)):
+            icpt, slope = fit_line(xs, y)
+            at[name] = max(big[f"{name}_s"], icpt + slope * target_n)
         total = sum(at.values())
         i_w, s_w = fit_line(xs, walls)
         i_m, s_m = fit_line(xs, np.array([r.rss_mb for _, r in pts]))
@@ -1112,7 +1137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--refill", action="store_true", help="wipe and refill kept data folders")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--inflight", type=int, default=2, help="write requests in flight")
-    ap.add_argument("--budget-share", type=float, default=0.8, help="budget / fleet GPU draw")
+    ap.add_argument("--budget-share", type=float, default=0.9, help="budget / fleet GPU draw")
     ap.add_argument("--store-timeout", type=float, default=10.0, help="store.timeout_s")
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a command after S s")
     ap.add_argument("--max-rss-mb", type=float, default=12_000.0, help="kill a command past this")

@@ -46,6 +46,7 @@ def test_closed_loop_learning_bench_measures_every_cycle() -> None:
 
 
 @pytest.mark.influxdb
+@pytest.mark.slow
 def test_fleet_scale_bench_fills_runs_both_commands_and_estimates(tmp_path: Path) -> None:
     if influxd_path() is None:
         if os.environ.get(REQUIRE_ENV) == "1":
