@@ -90,6 +90,12 @@ class RaplReader:
         found: dict[str, Path] = {}
         try:
             top = sorted(self.root.iterdir())
+        except FileNotFoundError:
+            # No powercap at all (VMs, containers, non-Intel/AMD): not a failure, no counter.
+            self._once(
+                "none", str(self.root), logging.INFO, "no %s: CPU power not reported", self.root
+            )
+            return []
         except OSError as e:
             self._fail("discover", str(self.root), e)
             return []

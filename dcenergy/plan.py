@@ -277,17 +277,37 @@ def generate_keypair(
     return key_id(key.public_key())
 
 
-def _read_key_file(path: Path, name: str) -> bytes:
+def _read_key_file(path: Path, name: str, source: str | None = None) -> bytes:
+    if path.is_dir():
+        raise ConfigError(name, str(path), "a key file, but it is a folder", source=source)
     try:
         return path.read_bytes()
     except FileNotFoundError as e:
-        raise ConfigError(name, str(path), "an existing key file (dcenergy keys generate)") from e
+        raise ConfigError(
+            name, str(path), "an existing key file (dcenergy keys generate)", source=source
+        ) from e
     except OSError as e:
-        raise ConfigError(name, str(path), f"a readable key file ({e.strerror})") from e
+        raise ConfigError(
+            name, str(path), f"a readable key file ({e.strerror})", source=source
+        ) from e
 
 
-def load_private_key(path: str | Path, *, key: str = "optimizer.signing_key") -> Ed25519PrivateKey:
-    """Load the signing key, refusing a file that group or others may read or write."""
+def _is_public_pem(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head.lstrip().startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def load_private_key(
+    path: str | Path, *, key: str = "optimizer.signing_key", source: str | None = None
+) -> Ed25519PrivateKey:
+    """Load the signing key, refusing a file that group or others may read or write.
+
+    ``source`` (a config file's path, ``env VAR``) goes into the error's hint.
+    """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -295,35 +315,64 @@ def load_private_key(path: str | Path, *, key: str = "optimizer.signing_key") ->
     try:
         mode = p.stat().st_mode
     except FileNotFoundError as e:
-        raise ConfigError(key, str(p), "an existing key file (dcenergy keys generate)") from e
+        raise ConfigError(
+            key, str(p), "an existing key file (dcenergy keys generate)", source=source
+        ) from e
+    if stat.S_ISDIR(mode):
+        raise ConfigError(key, str(p), "the private key file, but it is a folder", source=source)
+    if _is_public_pem(p):
+        raise ConfigError(
+            key,
+            str(p),
+            "the Ed25519 private key, but this file is a public key "
+            "(the private one is the 0600 file `dcenergy keys generate` wrote next to it)",
+            source=source,
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             key,
             str(p),
             f"a key file only its owner can read: it is mode {stat.S_IMODE(mode):04o} "
             f"(chmod 600 {p})",
+            source=source,
         )
     try:
-        loaded = load_pem_private_key(_read_key_file(p, key), password=None)
+        loaded = load_pem_private_key(_read_key_file(p, key, source), password=None)
     except (ValueError, TypeError) as e:
-        raise ConfigError(key, str(p), "an unencrypted Ed25519 private key in PEM") from e
+        raise ConfigError(
+            key, str(p), "an unencrypted Ed25519 private key in PEM", source=source
+        ) from e
     if not isinstance(loaded, Ed25519PrivateKey):
-        raise ConfigError(key, str(p), "an Ed25519 private key (not another algorithm)")
+        raise ConfigError(
+            key, str(p), "an Ed25519 private key (not another algorithm)", source=source
+        )
     return loaded
 
 
-def load_public_key(path: str | Path, *, key: str = "reconciler.public_key") -> Ed25519PublicKey:
+def load_public_key(
+    path: str | Path, *, key: str = "reconciler.public_key", source: str | None = None
+) -> Ed25519PublicKey:
     """Load the optimizer's public key (PEM); agents hold only this."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     p = Path(path)
+    data = _read_key_file(p, key, source)
+    if b"PRIVATE KEY-----" in data[:200]:
+        raise ConfigError(
+            key,
+            str(p),
+            "the Ed25519 public key, but this file is the private key (keep it off agents)",
+            source=source,
+        )
     try:
-        loaded = load_pem_public_key(_read_key_file(p, key))
+        loaded = load_pem_public_key(data)
     except ValueError as e:
-        raise ConfigError(key, str(p), "an Ed25519 public key in PEM") from e
+        raise ConfigError(key, str(p), "an Ed25519 public key in PEM", source=source) from e
     if not isinstance(loaded, Ed25519PublicKey):
-        raise ConfigError(key, str(p), "an Ed25519 public key (not another algorithm)")
+        raise ConfigError(
+            key, str(p), "an Ed25519 public key (not another algorithm)", source=source
+        )
     return loaded
 
 

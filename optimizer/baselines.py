@@ -53,8 +53,9 @@ def baseline_caps(m: _Model, name: str) -> np.ndarray:
         demand = np.where(m.gpu_group >= 0, m.job_draw[gpu_job] if len(m.job_draw) else 0.0, 0.0)
         total = m.member @ demand
         factor = np.where(total > 0, avail / np.where(total > 0, total, 1.0), np.inf)
-        caps = demand * _tightest(m, factor, np.full(len(gpus), np.inf))
-        caps = np.where(np.isfinite(caps), caps, max_w)
+        tight = _tightest(m, factor, np.full(len(gpus), np.inf))
+        bounded = np.isfinite(tight)  # a GPU in no limited domain: no factor, its max
+        caps = np.where(bounded, demand * np.where(bounded, tight, 0.0), max_w)
     else:
         raise ValueError(f"unknown baseline {name!r}; one of {BASELINES}")
     caps = np.clip(caps, min_w, max_w)

@@ -3,7 +3,8 @@
 Every ``optimizer.interval_s`` it reads the store's telemetry and the topology,
 solves, signs each host's part with ``optimizer.signing_key`` and publishes it
 (``optimizer.service``). ``--once`` does one run and exits: 0 when a plan was
-published, the error's exit code otherwise. Heavy imports (the solver,
+published, 3 when the published plan is best effort (a budget unmet, or jobs
+past their allowed slowdown), the error's exit code otherwise. Heavy imports (the solver,
 APScheduler, the store) happen inside the command.
 
 The service keeps its last ``seq`` in systemd's ``$STATE_DIRECTORY`` when the
@@ -44,7 +45,7 @@ def _signing_key(cfg: Config) -> Ed25519PrivateKey:
 
     path = Path(cfg.optimizer.signing_key)
     try:
-        return load_private_key(path)
+        return load_private_key(path, source=cfg.source_of("optimizer.signing_key"))
     except ConfigError as e:
         if not path.exists():
             e.hint = KEY_HINT
@@ -89,6 +90,7 @@ def run(
             "--topology" if topology is not None else "optimizer.topology",
             str(topo),
             "an existing topology file (docs/topology.md)",
+            source=None if topology is not None else cfg.source_of("optimizer.topology"),
         )
     store = open_configured_store(cfg)
     try:
@@ -109,5 +111,18 @@ def run(
             f"predicted {plan.before.fleet_power_w:.0f} W -> {plan.after.fleet_power_w:.0f} W, "
             f"expires in {(plan.expires_ns - now) / 1e9:.0f} s"
         )
+        if not plan.solver.feasible:
+            from dcenergy.errors import BestEffortPlan
+
+            raise BestEffortPlan(
+                f"plan {plan.plan_id} is best effort ({plan.solver.status}): "
+                + (
+                    "budgets not met in "
+                    + ", ".join(d.id for d in plan.solver.infeasible_domains[:5])
+                    if plan.solver.infeasible_domains
+                    else f"{len(plan.solver.slowdown_exceeded)} job(s) past their allowed slowdown"
+                ),
+                hint="it was published; raise the budgets or allow more slowdown",
+            )
     finally:
         store.close()

@@ -220,7 +220,7 @@ def publish_plan(
         _print_dry_run(parts, known, fleet_problems(plan, known) if check_fleet else [])
         typer.echo("dry run: nothing was signed or written")
         return []
-    key = load_private_key(cfg.optimizer.signing_key)
+    key = load_private_key(cfg.optimizer.signing_key, source=cfg.source_of("optimizer.signing_key"))
     if check_fleet:
         reader = store if store is not None else open_configured_store_if_exists(cfg)
         try:

@@ -51,7 +51,8 @@ def simulate(
 ) -> None:
     """Run a simulated fleet of agents into the configured store (embedded or InfluxDB).
 
-    Point Grafana at the store to watch it. With ``reconciler.public_key`` present
+    Point Grafana at the store to watch it; exits 69 when points could not be
+    written to the store. With ``reconciler.public_key`` present
     the simulated agents also apply plans published by ``dcenergy recommend --apply``
     (use ``--speed 1`` so the plan's clock and the fleet's agree).
     """
@@ -61,7 +62,11 @@ def simulate(
 
     cfg = state(ctx).config()
     pub_path = Path(cfg.reconciler.public_key)
-    public_key = load_public_key(pub_path) if cfg.reconciler.enabled and pub_path.exists() else None
+    public_key = (
+        load_public_key(pub_path, source=cfg.source_of("reconciler.public_key"))
+        if cfg.reconciler.enabled and pub_path.exists()
+        else None
+    )
     root = state_dir or Path(tempfile.mkdtemp(prefix="dcenergy-simulate-"))
     store = open_configured_store(cfg)
     # With speed s the run takes duration/s wall seconds; start so that it ends at "now".
@@ -105,6 +110,18 @@ def simulate(
             typer.echo(
                 f"done: {len(fleet.hosts)} host(s), {len(fleet.gpus())} GPU(s), "
                 f"{len(fleet.jobs)} job(s); {left} points left in the spools"
+            )
+        if left:
+            from dcenergy.errors import StoreUnavailable
+
+            kept = (
+                f"they stay in the spools under {root / 'agents'}"
+                if state_dir is not None
+                else "they were discarded with the temporary spools"
+            )
+            raise StoreUnavailable(
+                f"{left} simulated points could not be written to {store!r}: {kept}",
+                hint="check that the store is reachable (dcenergy config check --connect)",
             )
     finally:
         store.close()

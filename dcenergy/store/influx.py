@@ -77,17 +77,28 @@ def quote_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_SERVER_MESSAGE_MAX = 300
+
+
 def _server_message(r: httpx.Response) -> str:
-    """The server's error text: the JSON ``error`` (v1), ``message`` (v2), or the raw body."""
+    """The server's error text on one line: the JSON ``error`` (v1), ``message`` (v2), or
+    the body; an HTML page (a proxy, a web server that is not InfluxDB) becomes its title."""
     try:
         body = r.json()
     except ValueError:
-        return r.text.strip()[:500] or r.reason_phrase
+        text = r.text.strip()
+        if "html" in r.headers.get("content-type", "").lower() or text[:1] == "<":
+            m = _TITLE.search(text[:4096])
+            title = " ".join(m.group(1).split())[:80] if m else ""
+            named = f" titled {title!r}" if title else ""
+            return f"an HTML page{named}, not an InfluxDB answer (is store.influx_url right?)"
+        return one_line(text)[:_SERVER_MESSAGE_MAX] or r.reason_phrase
     if isinstance(body, dict):
         for k in ("error", "message"):
             if isinstance(body.get(k), str):
-                return str(body[k])
-    return r.text.strip()[:500]
+                return one_line(str(body[k]))  # whole: a partial write ends in dropped=N
+    return one_line(r.text.strip())[:_SERVER_MESSAGE_MAX]
 
 
 def _retry_after_s(r: httpx.Response, now_s: float) -> float | None:
@@ -241,6 +252,14 @@ class InfluxStore:
     def _classify(self, r: httpx.Response) -> WriteResult:
         s = r.status_code
         if 200 <= s < 300:
+            if s != 204 and "html" in r.headers.get("content-type", "").lower():
+                # InfluxDB answers a write with 204 and no body: a web page here is another
+                # server (wrong URL, a login proxy), and nothing was stored. Keep the data.
+                return WriteResult(
+                    WriteOutcome.UNAVAILABLE,
+                    s,
+                    f"{self.url} answered {s} with {_server_message(r)}: nothing was stored",
+                )
             return WriteResult(WriteOutcome.OK, s)
         msg = _server_message(r)
         if s == 400 and "partial write" in msg:
