@@ -28,7 +28,7 @@ def _embedded_error(cfg: Config, allowed: str) -> ConfigError:
     return ConfigError(key, value, allowed, source=cfg.source_of(key))
 
 
-def _check_embedded_path(cfg: Config) -> None:
+def check_embedded_path(cfg: Config) -> None:
     """Refuse an embedded store path that is a folder, or whose folder is a file."""
     path = cfg.embedded_store_path
     if path.is_dir():
@@ -40,7 +40,7 @@ def _check_embedded_path(cfg: Config) -> None:
             break
 
 
-def _check_ca_file(cfg: Config) -> None:
+def check_ca_file(cfg: Config) -> None:
     s = cfg.store
     if not s.ca_file or not s.verify_tls:
         return
@@ -63,13 +63,13 @@ def _check_ca_file(cfg: Config) -> None:
 def open_configured_store(cfg: Config) -> InfluxStore | EmbeddedStore:
     s = cfg.store
     if s.embedded:
-        _check_embedded_path(cfg)
+        check_embedded_path(cfg)
         try:
             cfg.embedded_store_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _embedded_error(cfg, f"a folder this user can create ({e.strerror})") from None
         return open_store(None, s.database, embedded_path=cfg.embedded_store_path)
-    _check_ca_file(cfg)
+    check_ca_file(cfg)
     return open_store(
         s.influx_url,
         s.database,
@@ -88,7 +88,7 @@ def open_configured_store_if_exists(cfg: Config) -> InfluxStore | EmbeddedStore 
     """The configured store for reading, or None for an embedded store that does not exist
     yet (a read-only command must not create it, nor the state directory)."""
     if cfg.store.embedded:
-        _check_embedded_path(cfg)
+        check_embedded_path(cfg)
         if not cfg.embedded_store_path.exists():
             return None
     return open_configured_store(cfg)
