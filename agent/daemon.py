@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from agent.shipper import Shipper
     from agent.spool import Spool
     from agent.throughput import ThroughputTracker
+    from dcenergy.schema import Point
     from dcenergy.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class AgentDaemon:
         self.last_error = ""
         self._once = LogOnce(log)
         self._started = False
+        self._early_audit: list[Point] = []
 
     # --- public API ----------------------------------------------------------------------
     def add_job(self, func: Callable[[], object], interval_s: float, name: str) -> None:
@@ -218,8 +220,7 @@ class AgentDaemon:
         if self._started:
             return
         self._started = True
-        self._open_parts()
-        self._attach_reconciler()
+        self._open_parts()  # the reconciler's start-up restore runs in there, before the spool
         wd = self.notifier.watchdog_s
         if wd is not None and self.config.agent.interval_s * 2 > wd:
             log.warning(
@@ -282,18 +283,26 @@ class AgentDaemon:
             return
         from agent.reconciler import reconciler_from_config
 
-        assert self._spool is not None
         rec = reconciler_from_config(
             self.config,
             self.backend.devices(),
             self.store,
-            audit_sink=self._spool.put,  # audit records travel with the telemetry
+            audit_sink=self._audit,  # audit records travel with the telemetry
             clock_ns=self._clock,
         )
         self.reconciler = rec
-        self.add_start_hook(lambda _d: rec.on_start(self._clock()))
+        # Limits a crashed run left are restored now, before the spool opens: a damaged or
+        # unopenable spool must never leave GPUs capped.
+        self._call_hooks([lambda _d: rec.on_start(self._clock())], "start-up restore")
         self.add_stop_hook(lambda _d: rec.restore_all("shutdown"))
         self.add_job(rec.tick, rc.interval_s, "reconcile")
+
+    def _audit(self, points: Sequence[Point]) -> int:
+        """The reconciler's audit sink: the spool, or a list until the spool is open."""
+        if self._spool is None:
+            self._early_audit.extend(points)
+            return len(points)
+        return self._spool.put(points)
 
     # --- opening and closing -------------------------------------------------------------
     def _open_parts(self) -> None:
@@ -312,10 +321,14 @@ class AgentDaemon:
             else:
                 self._backend = open_agent_backend(cfg)
             cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._store = self._given_store or open_agent_store(cfg)
+            self._attach_reconciler()  # restores saved limits first: see there
             self._spool = Spool(
                 cfg.state_dir / SPOOL_FILE, int(cfg.agent.spool_max_mb * 1024 * 1024)
             )
-            self._store = self._given_store or open_agent_store(cfg)
+            if self._early_audit:  # what the start-up restore audited before the spool opened
+                self._spool.put(self._early_audit)
+                self._early_audit = []
             self._shipper = Shipper(self._spool, self._store, batch_lines=cfg.store.batch_lines)
             self._host_collector = HostCollector(rapl=RaplReader())
             self._resolver = JobResolver(self._proc_root)
@@ -356,6 +369,7 @@ class AgentDaemon:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
+        from agent.shipper import SKIPPED_SHIP_RUNS
         from dcenergy.store.embedded import EmbeddedStore
 
         a = self.config.agent
@@ -363,6 +377,9 @@ class AgentDaemon:
         if sched_log.level == logging.NOTSET:
             # APScheduler logs every run at INFO: once a second is noise, not news.
             sched_log.setLevel(logging.WARNING)
+        # A ship run skipped while a hung store holds the previous one is by design (one
+        # warning per outage comes from the shipper, not one per ship interval).
+        logging.getLogger("apscheduler.scheduler").addFilter(SKIPPED_SHIP_RUNS)
         scheduler = BackgroundScheduler(
             executors={
                 "sampling": ThreadPoolExecutor(1),

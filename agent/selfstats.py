@@ -38,6 +38,12 @@ class SpoolStats(Protocol):
     def spool_depth(self) -> int: ...
     @property
     def spool_bytes(self) -> int: ...
+    @property
+    def dropped_corrupt_total(self) -> int: ...
+    @property
+    def dropped_disk_full_total(self) -> int: ...
+    @property
+    def spool_file_bytes(self) -> int: ...
 
 
 class ShipperStats(Protocol):
@@ -90,9 +96,12 @@ def agent_point(
         "dropped_overflow_total": spool.dropped_overflow_total,
         "dropped_rejected_total": shipper.dropped_rejected_total,
         "dropped_partial_total": shipper.dropped_partial_total,
+        "dropped_corrupt_total": spool.dropped_corrupt_total,
+        "dropped_disk_full_total": spool.dropped_disk_full_total,
         "errors_total": errors,
         "spool_depth": spool.spool_depth,
         "spool_bytes": spool.spool_bytes,
+        "spool_file_bytes": spool.spool_file_bytes,
         "cycle_s": sampler.cycle_s,
         "ship_latency_s": shipper.ship_latency_s,
         "last_error": last_error,

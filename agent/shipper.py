@@ -18,7 +18,21 @@ REJECTED       drop the batch, count it, log the server's message once
 
 ``ship_once`` never sleeps for long: a backoff is a "not before" time on the
 injected monotonic clock, and the call returns at once until it has passed.
-Each kind of error is logged once until shipping succeeds again.
+Each kind of error is logged once until shipping succeeds again, and the last
+error is cleared when it does (``last_error`` describes the present).
+
+A backoff (up to ``backoff_max_s``, 5 minutes) must not keep the spool waiting
+once the store is back: while backing off from an unreachable store (or a
+refused token, or a missing database) the shipper *probes* every
+``probe_interval_s`` (jittered) by writing the oldest point alone. A probe the
+store accepts ends the backoff and the rest ships in the same call; a failed
+probe does not lengthen the backoff. A store that asked for time (429/503 with
+Retry-After) is not probed.
+
+A hung store (it accepts connections and never answers) holds one request for
+up to ``store.timeout_s``; the daemon's ship job is non-overlapping
+(``max_instances=1``) so the runs that fall due meanwhile are skipped, which
+``SkippedShipRuns`` keeps out of the log: the outage is one warning.
 """
 
 from __future__ import annotations
@@ -73,6 +87,36 @@ _KEEP_AND_BACK_OFF = (
     WriteOutcome.UNAUTHORIZED,
     WriteOutcome.NO_DATABASE,
 )
+_PROBED = (WriteOutcome.UNAVAILABLE, WriteOutcome.UNAUTHORIZED, WriteOutcome.NO_DATABASE)
+SHIP_JOB_NAME = "shipping"  # the daemon's ship job, as SkippedShipRuns knows it
+
+
+class SkippedShipRuns(logging.Filter):
+    """Keeps APScheduler's "maximum number of running instances reached" for the ship job out.
+
+    Install on the ``apscheduler.scheduler`` logger. The ship job never overlaps
+    itself by design (``max_instances=1``, ``coalesce=True``): while a hung store
+    holds a request, the runs that fall due are skipped, which is the intent and
+    not news (once every ship interval it was 9 warnings in 12 s); the shipper has
+    logged the outage once. Other jobs' skips (a hung sampler) still show.
+    """
+
+    def __init__(self, job_name: str = SHIP_JOB_NAME) -> None:
+        super().__init__()
+        self.job_name = job_name
+        self.skipped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "maximum number of running instances" not in str(record.msg):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        if args and getattr(args[0], "name", None) == self.job_name:
+            self.skipped += 1
+            return False
+        return True
+
+
+SKIPPED_SHIP_RUNS = SkippedShipRuns()
 
 
 class Shipper:
@@ -92,6 +136,7 @@ class Shipper:
         backoff_max_s: float = 300.0,
         retry_after_max_s: float = 300.0,
         inline_wait_max_s: float = 1.0,
+        probe_interval_s: float = 2.0,
     ) -> None:
         if batch_lines < 1:
             raise ValueError("batch_lines must be at least 1")
@@ -106,11 +151,15 @@ class Shipper:
         self.backoff_max_s = backoff_max_s
         self.retry_after_max_s = retry_after_max_s
         self.inline_wait_max_s = inline_wait_max_s
+        self.probe_interval_s = probe_interval_s
         self.counters = ShipperCounters()
         self._failures = 0  # consecutive failed attempts: the backoff exponent
         self._not_before = float("-inf")
         self._batch_cap = batch_lines  # lowered after a 413 so the next batches fit
         self._logged: set[WriteOutcome] = set()
+        self._probe: bool = False  # backing off from an outage a one-point write can end
+        self._next_probe = float("inf")
+        self._outage_since: float | None = None  # first failure of the current outage
 
     @property
     def not_before(self) -> float:
@@ -121,12 +170,14 @@ class Shipper:
         """Ship batches until the spool is empty, an error says back off, or ``max_batches``."""
         report = ShipReport()
         now = self._clock()
-        if now < self._not_before:
-            report.backoff_s = self._not_before - now
-            report.depth = self.spool.depth()
-            return report
-        waited_inline = False
         batches = 0
+        if now < self._not_before:
+            if not (self._probe and now >= self._next_probe and self._probe_ends_outage(report)):
+                report.backoff_s = max(0.0, self._not_before - self._clock())
+                report.depth = self.spool.depth()
+                return report
+            batches = 1  # the probe was accepted: the store is back, ship the rest now
+        waited_inline = False
         while max_batches is None or batches < max_batches:
             rows = self.spool.peek(self._batch_cap)
             if not rows:
@@ -142,10 +193,33 @@ class Shipper:
                 self._sleep(delay)
                 continue
             self._not_before = self._clock() + delay
+            self._probe = report.outcome in _PROBED
+            self._next_probe = self._clock() + self._probe_delay()
             report.backoff_s = delay
             break
         report.depth = self.spool.depth()
         return report
+
+    def _probe_delay(self) -> float:
+        return self.probe_interval_s * (0.5 + 0.5 * self._rng())
+
+    def _probe_ends_outage(self, report: ShipReport) -> bool:
+        """Write the oldest point alone; True when the store took it (the backoff is over)."""
+        rows = self.spool.peek(1)
+        if not rows:
+            return False
+        failures = self._failures
+        stop = self._send(rows, report)
+        if stop is None:
+            self._not_before = float("-inf")
+            self._probe = False
+            return True
+        self._failures = failures  # a failed probe does not lengthen the backoff
+        if report.outcome is WriteOutcome.THROTTLED:  # the store asks for time: give it
+            self._not_before = self._clock() + stop
+            self._probe = False
+        self._next_probe = self._clock() + self._probe_delay()
+        return False
 
     def _send(self, rows: list[tuple[int, str]], report: ShipReport) -> float | None:
         """Send one batch (splitting on 413); None to go on, else seconds to back off."""
@@ -185,6 +259,8 @@ class Shipper:
             return None
         assert o in _KEEP_AND_BACK_OFF
         self._error(result, report, result.message or o.value)
+        if self._outage_since is None:
+            self._outage_since = self._clock()
         return self._backoff(result)
 
     def _shipped(self, rows: list[tuple[int, str]], accepted: int, report: ShipReport) -> None:
@@ -193,9 +269,16 @@ class Shipper:
         report.shipped += accepted
         oldest = min(line_time_ns(line) for _, line in rows)
         self.counters.ship_latency_s = max(0.0, (self._wall_clock_ns() - oldest) / 1e9)
-        if self._failures:
-            log.info("shipping resumed after %d failed attempts", self._failures)
+        if self._outage_since is not None:
+            log.info(
+                "shipping resumed after %d failed attempts (%.1f s)",
+                self._failures,
+                self._clock() - self._outage_since,
+            )
+            self._outage_since = None
+            self.counters.last_error = ""  # the outage is over: no stale error
         self._failures = 0
+        self._probe = False
         self._logged -= set(_KEEP_AND_BACK_OFF)  # a new outage is logged again
 
     def _drop_rejected(self, ids: list[int], report: ShipReport) -> None:

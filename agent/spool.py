@@ -6,41 +6,105 @@ escaped series key) and timestamp; ``UNIQUE(series_id, time_ns)`` makes a
 re-put of the same sample an overwrite, so retries never duplicate.
 The shipper ``peek``s the oldest rows and ``ack``s them once the store has them.
 
-Bounded by ``max_bytes`` of stored rows (line + a fixed per-row overhead; not
-the file size, which SQLite does not shrink): when a ``put`` goes over, the
-OLDEST rows are dropped in the same transaction and every dropped point is
-counted in a persisted counter, reported as ``dropped_overflow_total``. Depth,
-size and counters live in a ``meta`` table updated in the same transactions as
-the rows (aggregated per statement: per-row triggers halved put/ack speed), so
-they are exact after any crash.
+**Bounded on disk.** ``max_bytes`` bounds the files, not only the rows: the
+database, its WAL and ``-shm``, the ledger and the disk-full reserve together
+stay within ``max_bytes + SPOOL_OVERHEAD_BYTES`` (plus the pages of one
+transaction larger than the WAL budget). The WAL is checkpointed every
+``wal_budget`` bytes (1/16 of the bound, 64 KiB to 4 MiB) and cut back to that
+size (``journal_size_limit``); the database's pages in use are kept within
+``max_bytes`` less the WAL budget (plus 64 KiB of schema pages). When a ``put``
+goes over either bound, the OLDEST rows are dropped in the same transaction
+and every dropped point is counted in a persisted counter, reported as
+``dropped_overflow_total``. Depth, size and counters live in a ``meta`` table
+updated in the same transactions as the rows (aggregated per statement:
+per-row triggers halved put/ack speed), so they are exact after any crash.
 
-Durability: ``journal_mode=WAL`` with ``synchronous=NORMAL`` makes every
+**Durability.** ``journal_mode=WAL`` with ``synchronous=NORMAL`` makes every
 committed transaction durable against a crash of the process (SIGKILL, OOM):
 the commit is in the WAL file in the OS page cache before ``put()`` returns.
 Only a power loss or kernel crash can lose the last few transactions (FULL
 would fsync each commit; not worth it for telemetry).
+
+**A damaged spool heals, and says what it lost.** On open (and when a
+statement reports corruption later), a spool that fails ``PRAGMA quick_check``
+or that SQLite cannot open as a database is moved aside
+(``spool.sqlite.corrupt-<UTC time>``, with its ``-wal``; the newest
+``KEEP_DAMAGED`` are kept for inspection), every row SQLite can still read is
+copied into a fresh spool (rowid ranges, halved around each unreadable page;
+a file whose first page is damaged is read through a rebuilt first page), and
+every point that could not be is counted in ``dropped_corrupt_total`` and
+logged once. Losses SQLite cannot see — garbage in the WAL makes it drop
+every later commit as if it had never happened, consistently — are found by
+the *ledger*: a 1 KiB side file rewritten in place (no allocation, so it works
+on a full disk) around every commit with the id range and the number of rows
+the spool holds (before and after the commit in flight, so a crash between the
+two writes is never mistaken for a loss) and every counter. On open, rows the
+ledger says were committed but that are not there are counted as
+``dropped_corrupt_total``. Rows can be counted short (never double): a row
+that a lost transaction had acked comes back and is shipped again (the store
+overwrites the same series and time), and it can mask a lost one.
+
+**A full disk** (``SQLITE_FULL``, ``ENOSPC``) never raises out of ``put``:
+the points are dropped, counted in ``dropped_disk_full_total`` (kept in
+memory and in the ledger until a commit can persist it), logged once per
+episode, and sampling goes on. Deleting shipped rows must work on a full disk
+(a delete writes WAL frames): the spool keeps a ``RESERVE_BYTES`` reserve file
+next to it, released when an ``ack`` meets a full disk (the delete is then
+retried in small transactions, checkpointing between them so the WAL reuses
+its space), and made again once there is room.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from dcenergy.lineprotocol import LineProtocolError, encode_parts
+from dcenergy.lineprotocol import LineProtocolError, decode, encode_parts
 from dcenergy.schema import Point
 
 log = logging.getLogger(__name__)
 
-ROW_OVERHEAD_BYTES = 40  # id, series id, time, size, b-tree cell and index entry, roughly
+# Measured, with the b-tree fill: about 50 B for a 30-byte line and 140 B for a
+# 600-byte GPU line (id, series id, time, size, cell, index entry, leaf slack).
+ROW_OVERHEAD_BYTES = 100
 BUSY_TIMEOUT_MS = 10_000
+PAGE_SIZE = 4096
+WAL_MIN_BYTES = 64 * 1024
+WAL_MAX_BYTES = 4 * 1024 * 1024
+DB_FIXED_BYTES = 16 * PAGE_SIZE  # schema, meta, series and sequence pages
+SHM_BYTES = 32 * 1024  # the WAL index of a WAL under 4,000 frames
+LEDGER_BYTES = 1024
+RESERVE_BYTES = 256 * 1024
+# What the files may hold beyond max_bytes: schema pages, -shm, ledger, reserve,
+# WAL frame headers, and one cycle's transaction in the database and the WAL.
+SPOOL_OVERHEAD_BYTES = 512 * 1024
+KEEP_DAMAGED = 3  # damaged spools kept for inspection (the oldest beyond go)
+SALVAGE_RANGE = 4096  # ids read per query while salvaging
+SALVAGE_TX_ROWS = 2000  # salvaged rows per transaction
+ACK_CHUNK_ON_FULL_DISK = 256
+RESERVE_RETRY_S = 60.0
 
-_SCHEMA = (
+COUNTER_KEYS = (
+    "points_spooled_total",
+    "dropped_overflow_total",
+    "dropped_invalid_total",
+    "dropped_corrupt_total",
+    "dropped_disk_full_total",
+)
+
+_SCHEMA = (  # the CREATE texts are also the template of a rebuilt first page: keep them
     """CREATE TABLE IF NOT EXISTS spool (
         id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: id order is arrival order
         series_id INTEGER NOT NULL,  -- series.id: a small key, 2-3x faster than the text
@@ -57,18 +121,48 @@ _SCHEMA = (
     """INSERT OR IGNORE INTO meta (k, v) VALUES ('depth', 0), ('bytes', 0),
         ('points_spooled_total', 0), ('dropped_overflow_total', 0),
         ('dropped_invalid_total', 0)""",
+    """INSERT OR IGNORE INTO meta (k, v) VALUES ('dropped_corrupt_total', 0),
+        ('dropped_disk_full_total', 0)""",
 )
 
 _INSERT = """INSERT INTO spool (series_id, time_ns, line, size) VALUES (?, ?, ?, ?)
     ON CONFLICT (series_id, time_ns) DO NOTHING"""
+_INSERT_WITH_ID = """INSERT INTO spool (id, series_id, time_ns, line, size)
+    VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"""
 _OVERWRITE = "UPDATE spool SET line = ?, size = ? WHERE series_id = ? AND time_ns = ?"
 _SERIES_CACHE_MAX = 100_000
 _ADD = "UPDATE meta SET v = v + ? WHERE k = ?"
+
+_T = TypeVar("_T")
+State = tuple[int, int, int]  # (lowest id, highest id, rows): what the spool holds
 
 
 def row_size(line: str) -> int:
     """What one stored point counts against ``max_bytes``."""
     return len(line.encode()) + ROW_OVERHEAD_BYTES
+
+
+def wal_budget_bytes(max_bytes: int) -> int:
+    """WAL size at which the spool checkpoints (and to which it cuts the WAL back)."""
+    pages = min(max(max_bytes // 16, WAL_MIN_BYTES), WAL_MAX_BYTES) // PAGE_SIZE
+    return pages * PAGE_SIZE
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, sqlite3.Error):
+        return getattr(err, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(err)
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_corrupt(err: BaseException) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB (not: busy, locked, full, permissions, I/O)."""
+    if not isinstance(err, sqlite3.DatabaseError):
+        return False
+    name = str(getattr(err, "sqlite_errorname", ""))
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return True
+    text = str(err)
+    return "malformed" in text or "not a database" in text
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,58 +174,415 @@ class SpoolCounters:
     dropped_invalid_total: int  # points that cannot be line protocol (logged once)
     spool_depth: int
     spool_bytes: int
+    dropped_corrupt_total: int = 0  # committed points a damaged spool could not give back
+    dropped_disk_full_total: int = 0  # points that found no room on disk
+    spool_file_bytes: int = 0  # database, WAL, -shm, ledger and reserve on disk
+
+
+class _Damaged(Exception):
+    """quick_check found a problem (its first message)."""
+
+
+class _Ledger:
+    """A fixed-size side file rewritten in place: what the spool held, and its counters.
+
+    ``c`` is the state after the last commit, ``p`` the state the transaction in
+    flight will leave (written before its COMMIT), ``t`` the counter totals
+    (including the disk-full drops no commit could persist yet).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def read(self) -> dict[str, object] | None:
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            return None
+        try:
+            crc, body = raw[:8].decode("ascii"), raw[8:].rstrip(b" \n\x00")
+            if int(crc, 16) != zlib.crc32(body):
+                return None
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) and data.get("v") == 1 else None
+
+    def open(self) -> bool:
+        """Open (and size) the file; False when it cannot be kept (logged by the caller)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size < LEDGER_BYTES:
+                os.pwrite(fd, b" " * LEDGER_BYTES, 0)  # allocate now: later writes need no room
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def write(self, committed: State | None, pending: State | None, totals: dict[str, int]) -> None:
+        if self._fd is None:
+            return
+        body = json.dumps({"v": 1, "c": committed, "p": pending, "t": totals}).encode()
+        rec = f"{zlib.crc32(body):08x}".encode() + body
+        if len(rec) >= LEDGER_BYTES:
+            return  # cannot happen with five counters; never write a torn record
+        try:
+            os.pwrite(self._fd, rec + b" " * (LEDGER_BYTES - 1 - len(rec)) + b"\n", 0)
+        except OSError as e:
+            # A stale ledger could count acked rows as lost: better none at all.
+            log.warning("spool: cannot write the ledger %s (%s): dropping it", self.path, e)
+            self.close()
+            with suppress(OSError):
+                self.path.unlink()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def missing_rows(prior: dict[str, object] | None, count_in: Callable[[int, int], int]) -> int:
+    """Rows the ledger says were committed that are not there (0 without a ledger).
+
+    The smaller figure over the committed and the pending state: the database is
+    in one of them after any crash, so only a loss makes both come out short.
+    """
+    if prior is None:
+        return 0
+    figures = []
+    for key in ("c", "p"):
+        st = prior.get(key)
+        if not (isinstance(st, list) and len(st) == 3 and all(isinstance(x, int) for x in st)):
+            continue
+        lo, hi, depth = st
+        figures.append(depth - count_in(lo, hi) if depth > 0 else 0)
+    return max(0, min(figures)) if figures else 0
+
+
+def _ledger_totals(prior: dict[str, object] | None) -> dict[str, int]:
+    t = prior.get("t") if prior else None
+    if not isinstance(t, dict):
+        return {}
+    return {k: int(v) for k, v in t.items() if k in COUNTER_KEYS and isinstance(v, int)}
+
+
+@dataclass
+class _Salvage:
+    rows: list[tuple[int, str, int, str]]  # (old id, series key, time, line), by id
+    totals: dict[str, int]
+    depth: int | None  # what the damaged spool's meta said it held, if readable
+    unreadable: int  # rows read whose line was not line protocol
 
 
 class Spool:
-    """Durable FIFO of line-protocol points, bounded by size, oldest dropped first."""
+    """Durable FIFO of line-protocol points, bounded by size on disk, oldest dropped first."""
 
     def __init__(self, path: Path | str, max_bytes: int) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.wal_budget = wal_budget_bytes(max_bytes)
+        self.db_budget = max(max_bytes - self.wal_budget, 0) + DB_FIXED_BYTES
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the sampler and the shipper run in different threads
         self._warned_invalid = False
         self._series_ids: dict[str, int] = {}  # series key -> series.id; this process owns the file
-        self._db = sqlite3.connect(
-            self.path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # WAL + NORMAL: a committed put() survives the process being killed (see module doc).
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        # Debian builds SQLite with secure_delete on: every ack would zero the freed space
-        # (30% of ack time). FAST only clears what is written anyway; spool rows hold no secrets.
-        self._db.execute("PRAGMA secure_delete = FAST")
-        with self._tx() as db:
-            for stmt in _SCHEMA:
-                db.execute(stmt)
-            self._recount(db)  # exact whatever happened before
-            db.execute("DELETE FROM series WHERE id NOT IN (SELECT series_id FROM spool)")
+        self._ledger = _Ledger(self.path.with_name(self.path.name + ".ledger"))
+        self._reserve = self.path.with_name(self.path.name + ".reserve")
+        self._reserve_retry_at = float("-inf")
+        self._unpersisted: dict[str, int] = {}  # counted while no commit could persist them
+        self._totals: dict[str, int] = {}
+        self._committed: State | None = None
+        self._disk_full_since: int | None = None  # disk-full drops when the episode began
+        self._db = self._open()
 
+    # --- opening and healing ----------------------------------------------------------------
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a new file only
+            db.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: a committed put() survives the process being killed (module doc).
+            db.execute("PRAGMA synchronous = NORMAL")
+            # Debian builds SQLite with secure_delete on: every ack would zero the freed space
+            # (30% of ack time). FAST only clears what is written anyway; rows hold no secrets.
+            db.execute("PRAGMA secure_delete = FAST")
+            db.execute(f"PRAGMA wal_autocheckpoint = {self.wal_budget // PAGE_SIZE}")
+            db.execute(f"PRAGMA journal_size_limit = {self.wal_budget}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open(self, damaged: str | None = None) -> sqlite3.Connection:
+        """Open the spool, healing it when damaged; counters merged with the ledger's."""
+        prior = self._ledger.read()
+        self._ledger.close()
+        existed = self.path.exists()
+        db: sqlite3.Connection | None = None
+        lost = 0
+        if damaged is None:
+            try:
+                db = self._connect(self.path)
+                problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if problem != "ok":
+                    raise _Damaged(problem)
+                has_rows = db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'spool'").fetchone()
+                lost = missing_rows(prior, self._counter(db) if has_rows else lambda a, b: 0)
+            except (sqlite3.DatabaseError, _Damaged) as e:
+                if db is not None:
+                    with suppress(sqlite3.Error):
+                        db.close()
+                    db = None
+                if isinstance(e, sqlite3.DatabaseError) and not is_corrupt(e):
+                    raise  # busy, locked, permissions, full: not ours to move aside
+                damaged = str(e)
+        salvage: _Salvage | None = None
+        if damaged is not None:
+            salvage = self._move_aside_and_salvage(damaged, prior)
+            db = self._connect(self.path)
+        elif lost:
+            if existed:
+                self._keep_wal_for_inspection()
+            why = "the spool file was missing" if not existed else "its WAL was damaged"
+            log.error(
+                "spool %s: %d points committed before the last stop are gone (%s); "
+                "counted in dropped_corrupt_total",
+                self.path,
+                lost,
+                why,
+            )
+        assert db is not None
+        self._db = db
+        self._series_ids = {}
+        if not self._ledger.open():
+            log.warning(
+                "spool: cannot keep the ledger %s: points lost to a damaged WAL would go uncounted",
+                self._ledger.path,
+            )
+        with self._tx() as tx:
+            for stmt in _SCHEMA:
+                tx.execute(stmt)
+            if salvage is not None:
+                lost = self._restore(tx, salvage, prior)
+            merged = _ledger_totals(prior)
+            if salvage is not None:
+                for k, v in salvage.totals.items():
+                    merged[k] = max(merged.get(k, 0), v)
+            for k, v in merged.items():  # counters never go back, whichever copy survived
+                tx.execute("UPDATE meta SET v = max(v, ?) WHERE k = ?", (v, k))
+            if lost:
+                tx.execute(_ADD, (lost, "dropped_corrupt_total"))
+            back = self._delete_resurrected(tx, prior)
+            if back:
+                log.warning(
+                    "spool %s: %d points already shipped or dropped came back with a damaged "
+                    "WAL: deleted again",
+                    self.path,
+                    back,
+                )
+            self._recount(tx)  # exact whatever happened before
+            tx.execute("DELETE FROM series WHERE id NOT IN (SELECT series_id FROM spool)")
+            self._enforce_bound(tx)
+            self._committed = self._state(tx)
+            self._totals = self._read_totals(tx)
+        self._ledger.write(self._committed, None, self._ledger_view())
+        self._compact_if_oversized()
+        self._ensure_reserve()
+        return db
+
+    def _delete_resurrected(self, db: sqlite3.Connection, prior: dict[str, object] | None) -> int:
+        """Delete rows below the ledger's lowest id: a lost transaction had removed them.
+
+        In the committed state and in the pending one every id below its lowest was
+        gone (shipped, or dropped and counted), so such a row is one that a damaged
+        WAL brought back; shipping it again is harmless, dropping it twice is not.
+        """
+        floors = []
+        for key in ("c", "p"):
+            st = prior.get(key) if prior else None
+            if isinstance(st, list) and len(st) == 3 and all(isinstance(x, int) for x in st):
+                if st[2] <= 0:
+                    return 0  # an empty state says nothing about ids
+                floors.append(st[0])
+        if not floors:
+            return 0
+        return self._delete(db, "id < ?", (min(floors),))
+
+    @staticmethod
+    def _counter(db: sqlite3.Connection) -> Callable[[int, int], int]:
+        def count(lo: int, hi: int) -> int:
+            q = "SELECT count(*) FROM spool WHERE id BETWEEN ? AND ?"
+            return int(db.execute(q, (lo, hi)).fetchone()[0])
+
+        return count
+
+    def _aside_name(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            suffix = "" if n == 0 else f".{n}"
+            cand = self.path.with_name(f"{self.path.name}.corrupt-{stamp}{suffix}")
+            if not cand.exists():
+                return cand
+        raise RuntimeError("too many damaged spools this second")  # pragma: no cover
+
+    def _move_aside_and_salvage(self, why: str, prior: dict[str, object] | None) -> _Salvage:
+        aside = self._aside_name()
+        for suffix in ("", "-wal", "-shm"):
+            src = self.path.with_name(self.path.name + suffix)
+            if src.exists():
+                os.replace(src, aside.with_name(aside.name + suffix))
+        log.error("spool %s is damaged (%s): moved aside to %s, salvaging", self.path, why, aside)
+        salvage = salvage_rows(aside, prior)
+        self._prune_damaged()
+        return salvage
+
+    def _restore(self, db: sqlite3.Connection, s: _Salvage, prior: dict[str, object] | None) -> int:
+        """Put salvaged rows back under their old ids; return the points lost for good."""
+        ids, _new = self._ids_for(db, {key for _, key, _, _ in s.rows})
+        rows = [(rid, ids[key], t, line, row_size(line)) for rid, key, t, line in s.rows]
+        kept = 0
+        for i in range(0, len(rows), SALVAGE_TX_ROWS):
+            kept += db.executemany(_INSERT_WITH_ID, rows[i : i + SALVAGE_TX_ROWS]).rowcount
+        self._series_ids = {}  # learnt inside this transaction: forget (put() relearns)
+        if prior is not None:
+            lost = missing_rows(prior, self._counter(db))
+        elif s.depth is not None:
+            lost = max(s.unreadable, s.depth - kept)
+        else:
+            lost = s.unreadable
+        log.error(
+            "spool %s: salvaged %d points from the damaged spool; %d could not be read "
+            "(counted in dropped_corrupt_total)%s",
+            self.path,
+            kept,
+            lost,
+            "" if prior is not None or s.depth is not None else "; how many it held is unknown",
+        )
+        return lost
+
+    def _keep_wal_for_inspection(self) -> None:
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists():
+            dest = self._aside_name()
+            with suppress(OSError):
+                shutil.copyfile(wal, dest.with_name(dest.name + "-wal"))
+                log.error("spool: kept the damaged WAL as %s-wal", dest)
+            self._prune_damaged()
+
+    def _prune_damaged(self) -> None:
+        """Keep the newest ``KEEP_DAMAGED`` damaged spools (a failing disk must not fill up)."""
+        sets = sorted(
+            {
+                p.name.removesuffix("-wal").removesuffix("-shm")
+                for p in self.path.parent.glob(f"{self.path.name}.corrupt-*")
+            }
+        )
+        for name in sets[:-KEEP_DAMAGED]:
+            for suffix in ("", "-wal", "-shm"):
+                with suppress(OSError):
+                    (self.path.parent / (name + suffix)).unlink()
+            log.warning("spool: removed the oldest damaged spool kept, %s", name)
+
+    def _compact_if_oversized(self) -> None:
+        """A file grown under a larger bound shrinks back (VACUUM), best effort."""
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return
+        if size <= self.db_budget + self.wal_budget + SPOOL_OVERHEAD_BYTES // 2:
+            return
+        try:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            log.warning("spool: cannot compact %s (%d bytes): %s", self.path, size, e)
+
+    # --- transactions -------------------------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield db
+            db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+
+    def _write(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``body`` in one transaction, the ledger written around the commit (module doc)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            out = body(db)
+            for k, v in self._unpersisted.items():
+                if v:
+                    db.execute(_ADD, (v, k))
+            nxt = self._state(db)
+            totals = self._read_totals(db)
+            self._ledger.write(self._committed, nxt, self._ledger_view())
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+        self._unpersisted = {}
+        self._committed, self._totals = nxt, totals
+        self._ledger.write(nxt, None, self._ledger_view())
+        return out
+
+    def _guarded(self, op: Callable[[], _T]) -> _T:
+        """Run ``op``; a spool found damaged meanwhile heals (moved aside, salvaged) and reruns."""
+        try:
+            return op()
+        except sqlite3.DatabaseError as e:
+            if not is_corrupt(e):
+                raise
+            with suppress(sqlite3.Error):
+                self._db.close()
+            self._db = self._open(damaged=str(e))
+            return op()
+
+    def _state(self, db: sqlite3.Connection) -> State:
+        lo, hi = db.execute("SELECT min(id), max(id) FROM spool").fetchone()
+        return (int(lo or 0), int(hi or 0), self._meta(db, "depth"))
+
+    def _read_totals(self, db: sqlite3.Connection) -> dict[str, int]:
+        rows = db.execute(
+            f"SELECT k, v FROM meta WHERE k IN ({','.join('?' * len(COUNTER_KEYS))})",  # noqa: S608
+            COUNTER_KEYS,
+        ).fetchall()
+        return {str(k): int(v) for k, v in rows}
+
+    def _ledger_view(self) -> dict[str, int]:
+        return {k: self._totals.get(k, 0) + self._unpersisted.get(k, 0) for k in COUNTER_KEYS}
 
     def _meta(self, db: sqlite3.Connection, key: str) -> int:
         return int(db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()[0])
 
+    # --- put ----------------------------------------------------------------------------------
     def put(self, points: Iterable[Point]) -> int:
         """Store points in one transaction; return how many were stored.
 
         A point that cannot be line protocol is skipped and counted in
         ``dropped_invalid_total`` (logged once): one odd job id must not stop
-        sampling. When the spool goes over ``max_bytes`` the oldest rows go.
+        sampling. When the spool goes over its bound the oldest rows go. On a
+        full disk nothing is stored, the points are counted in
+        ``dropped_disk_full_total`` and 0 is returned.
         """
         encoded: list[tuple[str, int, str]] = []
         invalid = 0
@@ -145,8 +596,36 @@ class Spool:
                     log.warning("spool: dropping a point that is not valid line protocol: %s", e)
                 continue
             encoded.append((key, t, line))
-        with self._lock, self._tx() as db:
-            ids, new_ids = self._ids_for(db, {k for k, _, _ in encoded})
+        with self._lock:
+            try:
+                stored = self._guarded(lambda: self._put_once(encoded, invalid))
+            except sqlite3.DatabaseError as e:
+                if not is_disk_full(e):
+                    raise
+                self._checkpoint("RESTART")  # the WAL may start over in the room it has
+                try:
+                    stored = self._put_once(encoded, invalid)
+                except sqlite3.DatabaseError as e2:
+                    if not is_disk_full(e2):
+                        raise
+                    self._dropped_for_disk_full(len(encoded), invalid, e2)
+                    return 0
+            if self._disk_full_since is not None:
+                log.warning(
+                    "spool: disk space is back; %d points were dropped while the disk was "
+                    "full (dropped_disk_full_total)",
+                    self._ledger_view()["dropped_disk_full_total"] - self._disk_full_since,
+                )
+                self._disk_full_since = None
+            self._ensure_reserve()
+        return stored
+
+    def _put_once(self, encoded: list[tuple[str, int, str]], invalid: int) -> int:
+        new_ids: dict[str, int] = {}
+
+        def body(db: sqlite3.Connection) -> int:
+            ids, learnt = self._ids_for(db, {k for k, _, _ in encoded})
+            new_ids.update(learnt)
             rows = [(ids[k], t, line, row_size(line)) for k, t, line in encoded]
             inserted = db.executemany(_INSERT, rows).rowcount
             if inserted == len(rows):  # the usual case: all new
@@ -159,8 +638,26 @@ class Spool:
             if invalid:
                 db.execute(_ADD, (invalid, "dropped_invalid_total"))
             self._enforce_bound(db)
+            return len(rows)
+
+        stored = self._write(body)
         self._series_ids.update(new_ids)  # committed: now the cache may learn them
-        return len(rows)
+        return stored
+
+    def _dropped_for_disk_full(self, points: int, invalid: int, err: BaseException) -> None:
+        u = self._unpersisted
+        u["dropped_disk_full_total"] = u.get("dropped_disk_full_total", 0) + points
+        if invalid:
+            u["dropped_invalid_total"] = u.get("dropped_invalid_total", 0) + invalid
+        if self._disk_full_since is None:
+            self._disk_full_since = self._ledger_view()["dropped_disk_full_total"] - points
+            log.warning(
+                "spool: the disk of %s is full (%s): dropping samples until there is room, "
+                "counted in dropped_disk_full_total; shipping goes on",
+                self.path.parent,
+                err,
+            )
+        self._ledger.write(self._committed, None, self._ledger_view())
 
     def _ids_for(
         self, db: sqlite3.Connection, keys: set[str]
@@ -194,73 +691,305 @@ class Spool:
             db.execute(_ADD, (-sum(r[0] for r in sizes), "bytes"))
         return len(sizes)
 
-    def _enforce_bound(self, db: sqlite3.Connection) -> None:
-        """Drop the oldest rows until the spool fits; count each one (same transaction)."""
-        excess = self._meta(db, "bytes") - self.max_bytes
-        if excess <= 0:
-            return
+    def _drop_oldest(self, db: sqlite3.Connection, nbytes: int) -> int:
+        """Delete the oldest rows whose sizes add up to ``nbytes`` (at least one row)."""
         last_id = None
         freed = 0
         for rid, size in db.execute("SELECT id, size FROM spool ORDER BY id"):
             freed += size
             last_id = rid
-            if freed >= excess:
+            if freed >= nbytes:
                 break
-        if last_id is None:
-            return
-        dropped = self._delete(db, "id <= ?", (last_id,))
-        db.execute(_ADD, (dropped, "dropped_overflow_total"))
-        log.debug("spool over %d bytes: dropped the %d oldest points", self.max_bytes, dropped)
+        return 0 if last_id is None else self._delete(db, "id <= ?", (last_id,))
 
+    def _db_used_bytes(self, db: sqlite3.Connection) -> int:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages - free) * PAGE_SIZE
+
+    def _enforce_bound(self, db: sqlite3.Connection) -> None:
+        """Drop the oldest rows until rows and pages fit; count each one (same transaction)."""
+        dropped = 0
+        excess = self._meta(db, "bytes") - self.max_bytes
+        if excess > 0:
+            dropped += self._drop_oldest(db, excess)
+        for _ in range(16):  # pages are freed when emptied: a few rounds at most
+            over = self._db_used_bytes(db) - self.db_budget
+            if over <= 0:
+                break
+            n = self._drop_oldest(db, over)
+            if not n:
+                break
+            dropped += n
+        if dropped:
+            db.execute(_ADD, (dropped, "dropped_overflow_total"))
+            log.debug("spool over its bound: dropped the %d oldest points", dropped)
+
+    # --- peek and ack -------------------------------------------------------------------------
     def peek(self, n: int) -> list[tuple[int, str]]:
         """Up to ``n`` (rowid, line) pairs, oldest first; they stay until ``ack``ed."""
+        q = "SELECT id, line FROM spool ORDER BY id LIMIT ?"
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, line FROM spool ORDER BY id LIMIT ?", (n,)
-            ).fetchall()
+            rows = self._guarded(lambda: self._db.execute(q, (n,)).fetchall())
         return [(int(r), str(line)) for r, line in rows]
 
     def ack(self, rowids: Sequence[int]) -> int:
-        """Delete rows the store has (or refused for good); return how many were deleted."""
+        """Delete rows the store has (or refused for good); return how many were deleted.
+
+        Works on a full disk: the reserve is released and the rows are deleted in
+        small transactions, the WAL checkpointed between them to reuse its room.
+        """
         if not rowids:
             return 0
-        with self._lock, self._tx() as db:
-            return self._delete(
-                db, "id IN (SELECT value FROM json_each(?))", (json.dumps(list(rowids)),)
-            )
+        ids = list(rowids)
+        with self._lock:
+            try:
+                return self._guarded(lambda: self._ack_once(ids))
+            except sqlite3.DatabaseError as e:
+                if not is_disk_full(e):
+                    raise
+            self._checkpoint("RESTART")
+            try:
+                return self._ack_once(ids)
+            except sqlite3.DatabaseError as e:
+                if not is_disk_full(e):
+                    raise
+            if self._release_reserve():
+                log.warning(
+                    "spool: the disk of %s is full: released the %d KiB reserve so that "
+                    "shipped points can be deleted",
+                    self.path.parent,
+                    RESERVE_BYTES // 1024,
+                )
+            deleted = 0
+            for i in range(0, len(ids), ACK_CHUNK_ON_FULL_DISK):
+                deleted += self._ack_once(ids[i : i + ACK_CHUNK_ON_FULL_DISK])
+                self._checkpoint("RESTART")
+            return deleted
 
+    def _ack_once(self, ids: list[int]) -> int:
+        return self._write(
+            lambda db: self._delete(
+                db, "id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+            )
+        )
+
+    def _checkpoint(self, mode: str) -> None:
+        with suppress(sqlite3.Error):
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})")
+
+    # --- the disk-full reserve ----------------------------------------------------------------
+    def _ensure_reserve(self) -> None:
+        """Make the reserve file when it is missing (at most once a minute after a failure)."""
+        if self._reserve.exists() or time.monotonic() < self._reserve_retry_at:
+            return
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError:
+            self._reserve_retry_at = time.monotonic() + RESERVE_RETRY_S
+            return
+        try:
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.pwrite(fd, b"\0" * RESERVE_BYTES, 0)
+        except OSError:
+            os.close(fd)
+            with suppress(OSError):
+                self._reserve.unlink()
+            self._reserve_retry_at = time.monotonic() + RESERVE_RETRY_S
+            return
+        os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+        except OSError:
+            return False
+        self._reserve_retry_at = time.monotonic() + RESERVE_RETRY_S
+        return True
+
+    # --- figures ------------------------------------------------------------------------------
     def depth(self) -> int:
         """Points waiting."""
         with self._lock:
             return self._meta(self._db, "depth")
 
     def size_bytes(self) -> int:
-        """Bytes of stored rows, the quantity ``max_bytes`` bounds."""
+        """Bytes of stored rows (lines + per-row overhead), bounded by ``max_bytes``."""
         with self._lock:
             return self._meta(self._db, "bytes")
 
     def file_bytes(self) -> int:
-        """Bytes on disk (database + WAL)."""
+        """Bytes on disk: database, WAL, -shm, ledger and reserve (see SPOOL_OVERHEAD_BYTES)."""
         total = 0
-        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+        for suffix in ("", "-wal", "-shm", ".ledger", ".reserve"):
             with suppress(FileNotFoundError):
-                total += p.stat().st_size
+                total += self.path.with_name(self.path.name + suffix).stat().st_size
         return total
 
     def counters(self) -> SpoolCounters:
         with self._lock:
             meta = dict(self._db.execute("SELECT k, v FROM meta").fetchall())
+            extra = dict(self._unpersisted)
+        c = {k: int(meta.get(k, 0)) + extra.get(k, 0) for k in COUNTER_KEYS}
         return SpoolCounters(
-            points_spooled_total=int(meta["points_spooled_total"]),
-            dropped_overflow_total=int(meta["dropped_overflow_total"]),
-            dropped_invalid_total=int(meta["dropped_invalid_total"]),
+            points_spooled_total=c["points_spooled_total"],
+            dropped_overflow_total=c["dropped_overflow_total"],
+            dropped_invalid_total=c["dropped_invalid_total"],
             spool_depth=int(meta["depth"]),
             spool_bytes=int(meta["bytes"]),
+            dropped_corrupt_total=c["dropped_corrupt_total"],
+            dropped_disk_full_total=c["dropped_disk_full_total"],
+            spool_file_bytes=self.file_bytes(),
         )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._ledger.close()
 
     def __repr__(self) -> str:
         return f"Spool({str(self.path)!r}, max_bytes={self.max_bytes})"
+
+
+# --- salvage ------------------------------------------------------------------------------------
+def salvage_rows(aside: Path, prior: dict[str, object] | None) -> _Salvage:
+    """Every row of a damaged spool that SQLite can still read, and what its meta said.
+
+    Read-only (the file stays as it was found). A file SQLite will not open as a
+    database (its first page damaged) is read through a copy in memory whose
+    first page is rebuilt from the spool's own schema (the WAL is then not read).
+    """
+    db = _open_readonly(aside)
+    if db is None:
+        db = _open_with_rebuilt_first_page(aside)
+    if db is None:
+        log.error("spool: nothing can be read from %s", aside)
+        return _Salvage([], {}, None, 0)
+    try:
+        return _read_all(db, prior)
+    finally:
+        db.close()
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection | None:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        db.execute("SELECT id, line FROM spool LIMIT 0").fetchall()
+    except sqlite3.Error:
+        db.close()
+        return None
+    return db
+
+
+def _template_first_page() -> bytes:
+    mem = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        mem.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        for stmt in _SCHEMA[:3]:
+            mem.execute(stmt)
+        return bytes(mem.serialize()[:PAGE_SIZE])
+    finally:
+        mem.close()
+
+
+def _open_with_rebuilt_first_page(path: Path) -> sqlite3.Connection | None:
+    """The damaged file in memory, its first page replaced by a fresh spool's.
+
+    A spool's first page is its schema; the CREATE statements and their order fix
+    every root page, so a fresh spool's first page fits. Its header gets the
+    damaged file's page count and no freelist (free pages are not read anyway).
+    """
+    try:
+        data = bytearray(path.read_bytes())
+    except OSError:
+        return None
+    if len(data) < 2 * PAGE_SIZE:
+        return None
+    data = data[: len(data) // PAGE_SIZE * PAGE_SIZE]
+    page1 = bytearray(_template_first_page())
+    page1[18:20] = b"\x01\x01"  # rollback journal: the image has no WAL
+    page1[24:28] = (1).to_bytes(4, "big")  # change counter ...
+    page1[92:96] = (1).to_bytes(4, "big")  # ... equal to version-valid-for: page count valid
+    page1[28:32] = (len(data) // PAGE_SIZE).to_bytes(4, "big")
+    page1[32:40] = bytes(8)  # no freelist
+    data[:PAGE_SIZE] = page1
+    db = sqlite3.connect(":memory:")
+    try:
+        db.deserialize(bytes(data))
+        db.execute("SELECT id, line FROM spool LIMIT 0").fetchall()
+    except sqlite3.Error:
+        db.close()
+        return None
+    log.warning("spool: %s had a damaged first page; reading it through a rebuilt one", path)
+    return db
+
+
+def _try(db: sqlite3.Connection, q: str) -> list[tuple[object, ...]]:
+    try:
+        return [tuple(r) for r in db.execute(q).fetchall()]
+    except sqlite3.Error:
+        return []
+
+
+def _read_all(db: sqlite3.Connection, prior: dict[str, object] | None) -> _Salvage:
+    totals: dict[str, int] = {}
+    depth: int | None = None
+    for k, v in _try(db, "SELECT k, v FROM meta"):
+        if isinstance(k, str) and isinstance(v, int):
+            if k in COUNTER_KEYS:
+                totals[k] = v
+            elif k == "depth":
+                depth = v
+    los: list[int] = []
+    his: list[int] = []
+    for key in ("c", "p"):
+        st = prior.get(key) if prior else None
+        if isinstance(st, list) and len(st) == 3 and st[2]:
+            los.append(int(st[0]))
+            his.append(int(st[1]))
+    for lo, hi in _try(db, "SELECT min(id), max(id) FROM spool"):
+        if isinstance(lo, int) and isinstance(hi, int):
+            los.append(lo)
+            his.append(hi)
+    for (seq,) in _try(db, "SELECT seq FROM sqlite_sequence WHERE name = 'spool'"):
+        if isinstance(seq, int):
+            his.append(seq)
+    rows: list[tuple[int, str, int, str]] = []
+    unreadable = 0
+
+    def read(a: int, b: int) -> None:
+        nonlocal unreadable
+        try:
+            got = db.execute(
+                "SELECT id, line FROM spool WHERE id BETWEEN ? AND ? ORDER BY id", (a, b)
+            ).fetchall()
+        except sqlite3.Error:
+            if a == b:
+                return  # an unreadable id (or none ever there): the ledger tells
+            mid = (a + b) // 2
+            read(a, mid)
+            read(mid + 1, b)
+            return
+        for rid, line in got:
+            try:
+                key, t, canon = encode_parts(decode(str(line)))
+            except (LineProtocolError, ValueError, TypeError):
+                unreadable += 1
+                continue
+            rows.append((int(rid), key, t, canon))
+
+    if his:
+        lo = max(1, min(los) if los else 1)
+        hi = max(his)
+        for start in range(lo, hi + 1, SALVAGE_RANGE):
+            read(start, min(start + SALVAGE_RANGE - 1, hi))
+    return _Salvage(rows, totals, depth, unreadable)

@@ -212,9 +212,10 @@ def test_5xx_and_transport_errors_back_off_exponentially_and_keep_data(
             clock.now += rep.backoff_s
     assert delays == [2.0, 4.0, 8.0, 10.0]  # doubling, capped
     assert len([r for r in caplog.records if r.name == "agent.shipper"]) == 1  # logged once
+    assert "bad gateway" in sh.counters.last_error
     rep = sh.ship_once()
     assert (rep.shipped, spool.depth()) == (20, 0)
-    assert sh.counters.errors_total == 4 and "bad gateway" in sh.counters.last_error
+    assert sh.counters.errors_total == 4 and sh.counters.last_error == ""  # cleared: recovered
     # after a success the backoff starts over
     fake.script.append(status(500))
     spool.put(pts(1, start=99))
