@@ -24,7 +24,6 @@ Nothing here raises into the daemon: failures are counted in
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import math
 import os
@@ -37,6 +36,8 @@ from typing import Literal
 
 import httpx
 
+from dcenergy.errors import InputError
+from dcenergy.inputs import parse_json
 from dcenergy.logonce import LogOnce
 from dcenergy.report import JOB_ID_PATTERN, report_dir
 
@@ -405,10 +406,10 @@ class ThroughputTracker:
 
 def _decode_report(job_id: str, data: bytes) -> CounterReading:
     """Validate one report file; ``ValueError`` says what is wrong with it."""
-    try:
-        doc = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON: {e}") from e
+    try:  # strict: no duplicate keys, no huge integers, no deep nesting (RecursionError)
+        doc = parse_json(data.decode("utf-8"), "report")
+    except InputError as e:
+        raise ValueError(f"not JSON: {e.problem}") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     if doc.get("job_id") != job_id or not JOB_ID_PATTERN.match(job_id):

@@ -70,8 +70,10 @@ def run(
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT (systemd runs exactly this)."""
     from agent.daemon import AgentDaemon
+    from dcenergy.store.configured import check_state_dir
 
     cfg = _with_simulate(state(ctx).config(), simulate)
+    check_state_dir(cfg)
     try:
         code = AgentDaemon(cfg).run(duration_s=duration)
     except DeviceError as e:  # NVML could not start: nothing was sampled

@@ -92,6 +92,10 @@ def run(
             "an existing topology file (docs/topology.md)",
             source=None if topology is not None else cfg.source_of("optimizer.topology"),
         )
+    if "STATE_DIRECTORY" not in os.environ:
+        from dcenergy.store.configured import check_state_dir
+
+        check_state_dir(cfg)
     store = open_configured_store(cfg)
     try:
         service = OptimizerService(cfg, store, key, topo, state_dir=_state_dir(cfg))

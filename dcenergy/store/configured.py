@@ -40,6 +40,22 @@ def check_embedded_path(cfg: Config) -> None:
             break
 
 
+def check_state_dir(cfg: Config, path: Path | None = None) -> None:
+    """Refuse a state directory (``agent.state_dir``, or ``path``) that is, or is under, a file."""
+    target = cfg.state_dir if path is None else path
+    for p in (target, *target.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "it is a file" if p == target else f"{p} is a file"
+                raise ConfigError(
+                    "agent.state_dir",
+                    str(target),
+                    f"a folder, but {what}",
+                    source=cfg.source_of("agent.state_dir"),
+                )
+            return
+
+
 def check_ca_file(cfg: Config) -> None:
     s = cfg.store
     if not s.ca_file or not s.verify_tls:
