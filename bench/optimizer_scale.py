@@ -1,7 +1,13 @@
 """Capping at fleet scale: build + solve time of the fast path and the LP, and their agreement.
 
-Run: ``python bench/optimizer_scale.py [--sizes 1000 10000 100000]``.
+Run: ``python bench/optimizer_scale.py [--sizes 1000 10000 100000] [--fit-jobs 3000 30000]``.
 Targets (2-core machine): 100k GPUs <= 1 s on the fast path, <= 15 s on the LP.
+
+Curve fitting per job (``--fit-jobs``): ``fit_curves`` against the per-job
+reference it is checked against (``optimizer.curves._fit_curves_reference``),
+timed in the same run, on the quality bench's fleet (``bench/optimizer_quality.py``:
+every job its own noisy samples, where this file's fleet runs replicas that
+share one fit). Target: <= 0.3 ms per job at fleet size.
 The ``consolidation`` half lives in ``bench/consolidation_scale.py``; ``main``
 runs it too when it is importable.
 """
@@ -9,16 +15,19 @@ runs it too when it is importable.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.optimizer_quality import fleet as quality_fleet
 from optimizer.capping import solve_capping
-from optimizer.curves import fit_curves
+from optimizer.curves import CurveFit, _fit_curves_reference, fit_curves
 from optimizer.problem import Domain, Gpu, Job, Objective, Problem, Sample
 
 # (share of draw, throughput fraction) shapes: compute-bound, memory-bound, in between
@@ -145,13 +154,50 @@ def bench_capping(sizes: list[int], lp_max: int = 100_000) -> None:
             print(f"  {n:>7} GPUs  fit {t_fit:6.2f}  fast {t_fast:6.2f}  lp skipped")
 
 
+# jobs per node of the quality bench's fleet (8 GPUs a node, jobs of 1-8 GPUs)
+_QUALITY_JOBS_PER_NODE = 2.62
+
+
+def _timed(fit: Callable[[Problem], dict[str, CurveFit]], p: Problem) -> tuple[float, float]:
+    """Wall and CPU seconds of one fit of ``p``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fit(p)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_fit(job_counts: list[int], repeats: int = 3) -> None:
+    print(
+        f"curve fitting: ms per job, median of {repeats} runs (wall / CPU), batched fit_curves "
+        "vs the per-job reference, on the quality bench's fleet"
+    )
+    for n in job_counts:
+        p, _ = quality_fleet(max(1, round(n / _QUALITY_JOBS_PER_NODE)), 1, "energy", 0.05, 10.0)
+        runs = {
+            name: [_timed(fit, p) for _ in range(repeats)]
+            for name, fit in (("batched", fit_curves), ("per-job", _fit_curves_reference))
+        }
+        ms = {
+            name: [statistics.median(t[k] for t in r) * 1000 / len(p.jobs) for k in (0, 1)]
+            for name, r in runs.items()
+        }
+        print(
+            f"  {len(p.jobs):>7} jobs  batched {ms['batched'][0]:.3f} / {ms['batched'][1]:.3f}  "
+            f"per-job {ms['per-job'][0]:.3f} / {ms['per-job'][1]:.3f}  "
+            f"ratio {ms['per-job'][0] / ms['batched'][0]:.1f}x / "
+            f"{ms['per-job'][1] / ms['batched'][1]:.1f}x  (target batched <= 0.3 ms/job)"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 10_000, 100_000])
+    ap.add_argument("--fit-jobs", type=int, nargs="*", default=[3000, 30_000])
+    ap.add_argument("--fit-repeats", type=int, default=3)
     args = ap.parse_args()
     bench_capping(args.sizes)
+    bench_fit(args.fit_jobs, args.fit_repeats)
     try:
-        from bench.consolidation_scale import bench_consolidation  # type: ignore[import-not-found]
+        from bench.consolidation_scale import bench_consolidation
     except ImportError:
         print("consolidation: bench/consolidation_scale.py not available")
     else:
