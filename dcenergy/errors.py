@@ -26,7 +26,7 @@ from __future__ import annotations
 
 # The CLI's exit codes (README "Commands"); 2 is click's own usage error (unknown option).
 EX_OK = 0
-EX_FAILURE = 1  # an unexpected failure (a bug); --debug shows the traceback
+EX_FAILURE = 1  # a failure not listed here
 EX_INFEASIBLE = 3  # a best-effort plan: some budget cannot be met (the plan is still emitted)
 EX_NO_TELEMETRY = 4  # the store holds no telemetry for the window
 EX_USAGE = 64
@@ -39,14 +39,15 @@ EX_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
     EX_OK: "success",
-    EX_FAILURE: "unexpected failure (a bug; --debug shows the traceback)",
+    EX_FAILURE: "a failure not listed here",
     2: "unknown command or option (usage)",
-    EX_INFEASIBLE: "best-effort plan: a budget cannot be met (plan still printed/written)",
+    EX_INFEASIBLE: "best-effort plan: a budget unmet or jobs past their allowed slowdown "
+    "(the plan is still printed, written, published)",
     EX_NO_TELEMETRY: "no telemetry in the window",
     EX_USAGE: "options that exclude each other",
     EX_DATAERR: "bad input file (problem, plan, topology) or a plan the fleet refuses",
-    EX_UNAVAILABLE: "device or store unavailable (or data left unwritten)",
-    EX_SOFTWARE: "internal error in a solver run",
+    EX_UNAVAILABLE: "device or store unavailable, or data left unwritten",
+    EX_SOFTWARE: "internal error (a bug): --debug shows the traceback",
     EX_CANTCREAT: "an output file cannot be written",
     EX_CONFIG: "configuration or option value",
     EX_INTERRUPTED: "interrupted (Ctrl-C)",
