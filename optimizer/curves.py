@@ -237,19 +237,17 @@ class CurveFit:
 def _simplify(xs: list[float], ys: list[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Drop collinear interior points and enforce the shape against rounding."""
     # monotone, concave clean-up of tiny numerical violations
-    ys = [max(0.0, y) for y in ys]
-    for i in range(1, len(ys)):
-        ys[i] = max(ys[i], ys[i - 1])
+    ys = list(itertools.accumulate((y if y > 0.0 else 0.0 for y in ys), max))
     out_x, out_y = [xs[0]], [ys[0]]
-    for i in range(1, len(xs)):
-        if len(out_x) >= 2 and i < len(xs):
+    for x, y in zip(xs[1:], ys[1:], strict=True):
+        if len(out_x) >= 2:
             s_prev = (out_y[-1] - out_y[-2]) / (out_x[-1] - out_x[-2])
-            s_new = (ys[i] - out_y[-1]) / (xs[i] - out_x[-1])
+            s_new = (y - out_y[-1]) / (x - out_x[-1])
             if abs(s_prev - s_new) <= 1e-9 * max(1.0, abs(s_prev)):
-                out_x[-1], out_y[-1] = xs[i], ys[i]
+                out_x[-1], out_y[-1] = x, y
                 continue
-        out_x.append(xs[i])
-        out_y.append(ys[i])
+        out_x.append(x)
+        out_y.append(y)
     return tuple(out_x), tuple(out_y)
 
 
@@ -1172,8 +1170,8 @@ _MIX_SHARES: Final = np.array(sorted({p for s in PRIOR_SHAPES.values() for p, _ 
 
 def _margin_table() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """At _share_margin's caps as shares of the draw: ``1 - compute`` and
-    ``memory - compute``, and their change as the draw moves its step up from
-    one below (the x of the per-job code's central difference)."""
+    ``memory - compute``, and how much each changes from the draw a step down to
+    a step up (the per-job code's central difference)."""
     u = np.linspace(_MARGIN_FROM, 1.0, _MARGIN_CAPS)
 
     def at(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1222,9 +1220,8 @@ class _Bucket:
     @staticmethod
     def of(rows: list[int], jobs: list[Job], gpus: list[list[Gpu]]) -> _Bucket:
         fields = operator.attrgetter("throughput", "cap_w", "power_w")
-        # None reads as NaN
-        v = np.array([list(map(fields, j.samples)) for j in jobs], dtype=float)
-        v = v.reshape(len(jobs), -1, 3)
+        flat = [v for j in jobs for s in j.samples for v in fields(s)]
+        v = np.array(flat, dtype=float).reshape(len(jobs), -1, 3)  # None reads as NaN
         return _Bucket(
             rows,
             jobs,
@@ -1367,7 +1364,7 @@ class _Groups:
         pure_ss = np.where(self.valid, self.ss, 0.0).sum(axis=1)
         pure_dof = np.where(self.valid, self.count - 1, 0).sum(axis=1)
         # each inner x against the line through its neighbours (Gasser et al.)
-        xp, xm, xn = self.x[:, :-2], self.x[:, 1:-1], self.x[:, 2:]
+        xp, xm, xn = (self.x[:, k] for k in _thirds(self.x.shape[1]))
         cp, cm, cn = (np.maximum(self.count[:, k], 1) for k in _thirds(self.x.shape[1]))
         mp, mm, mn = (self.mean[:, k] for k in _thirds(self.x.shape[1]))
         inner = self.valid[:, 2:]
@@ -1500,7 +1497,7 @@ def _share_margins(
         part = slice(k, k + 2048)
         out[part] = _share_margin_rows(
             w[part], w_sd[part], draw[part], draw_se[part], allowed[part], z
-        )  # fmt: skip
+        )
     return out
 
 
@@ -1629,10 +1626,9 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
         row_pts = list(zip(pts.x[i].tolist(), y[i].tolist(), strict=True))
         shape = PRIOR_SHAPES["memory" if memory[i] else "compute"]
         top = float(top_measured[i]) if measured[i] else None
-        _, _, _, free = _free_curve(
-            g.x[i, :n].tolist(), g.median[i, :n].tolist(), float(b.lo[i]), float(b.hi[i]),
-            float(free_draw[i]), top, shape,
-        )  # fmt: skip
+        gx, gy = g.x[i, :n].tolist(), g.median[i, :n].tolist()
+        lo, hi = float(b.lo[i]), float(b.hi[i])
+        _, _, _, free = _free_curve(gx, gy, lo, hi, float(free_draw[i]), top, shape)
         interpolates[i] = _passes_through(free, row_pts, float(mean_y[i]))
     borrowed = interpolates & (fleet_noise is not None) & (g.n == m)  # no replicates
     if fleet_noise is not None:
@@ -1661,16 +1657,12 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
     if take.any():
         se = b.draw_se(pts.unheld, 0.0)
         ok = take & has_share
-        shape_margin[ok] = _share_margins(
-            w[ok], w_sd[ok], draw[ok], se[ok], b.allowed[ok], z
-        )  # fmt: skip
+        shape_margin[ok] = _share_margins(w[ok], w_sd[ok], draw[ok], se[ok], b.allowed[ok], z)
     take &= many_shape | (shape_margin < margin)
     method = np.where(refer, _REFERENCE, np.where(take, _SHAPE, _PRIOR))
     share = np.where((take & has_share)[:, None], np.stack([w, w_sd], axis=1), np.nan)
-    return _BucketFits(
-        method, draw, memory, np.where(take, shape_margin, margin), share, two.coef,
-        distinct, pts, {},
-    )  # fmt: skip
+    margin = np.where(take, shape_margin, margin)
+    return _BucketFits(method, draw, memory, margin, share, two.coef, distinct, pts, {})
 
 
 def _fit_key(job: Job, gpus: Sequence[Gpu]) -> tuple[object, ...]:
