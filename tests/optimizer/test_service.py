@@ -18,7 +18,7 @@ import pytest
 from agent.simfleet import SimFleet
 from dcenergy import schema
 from dcenergy.config import Config, load_config
-from dcenergy.errors import EX_CONFIG, StoreUnavailable
+from dcenergy.errors import EX_CONFIG, EX_INFEASIBLE, StoreUnavailable
 from dcenergy.plan import generate_keypair, load_private_key, load_public_key, verify_part
 from dcenergy.publish import fetch_latest_part
 from dcenergy.schema import Point
@@ -313,7 +313,8 @@ def test_cli_run_once_publishes_from_the_configured_store(
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "unit-state"))  # as systemd sets it
     rc = main(["-c", str(env["cfg_file"]), "optimizer", "run", "--once"])
     out = capsys.readouterr().out
-    assert rc == 0, out
+    # published either way; 3 when the budget holds only with slowdown floors relaxed
+    assert rc in (0, EX_INFEASIBLE), out
     assert "published plan" in out
     store = EmbeddedStore(env["db"])
     try:
