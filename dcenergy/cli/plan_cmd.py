@@ -52,7 +52,13 @@ def keys_generate(
     cfg = state(ctx).config()
     priv = private or Path(cfg.optimizer.signing_key)
     pub = public or Path(cfg.reconciler.public_key)
-    kid = generate_keypair(priv, pub, force=force)
+    kid = generate_keypair(
+        priv,
+        pub,
+        force=force,
+        private_key_name="--private" if private is not None else "optimizer.signing_key",
+        public_key_name="--public" if public is not None else "reconciler.public_key",
+    )
     typer.echo(f"private key: {priv} (mode 0600; keep it on the optimizer host only)")
     typer.echo(f"public key:  {pub} (copy to every agent)")
     typer.echo(f"key id:      {kid}")
