@@ -8,8 +8,8 @@ The shipper ``peek``s the oldest rows and ``ack``s them once the store has them.
 
 **Bounded on disk.** ``max_bytes`` bounds the files, not only the rows: the
 database, its WAL and ``-shm``, the ledger and the disk-full reserve together
-stay within ``max_bytes + SPOOL_OVERHEAD_BYTES`` (plus the pages of one
-transaction larger than the WAL budget). The WAL is checkpointed every
+stay within ``max_bytes + SPOOL_OVERHEAD_BYTES`` (640 KiB; a transaction over
+128 KiB, such as one put of thousands of points, may add its size). The WAL is checkpointed every
 ``wal_budget`` bytes (1/16 of the bound, 64 KiB to 4 MiB) and cut back to that
 size (``journal_size_limit``); the database's pages in use are kept within
 ``max_bytes`` less the WAL budget (plus 64 KiB of schema pages). When a ``put``
@@ -59,6 +59,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import shutil
 import sqlite3
@@ -72,6 +73,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from dcenergy.lineprotocol import LineProtocolError, decode, encode_parts
+from dcenergy.logonce import LogOnce
 from dcenergy.schema import Point
 
 log = logging.getLogger(__name__)
@@ -87,9 +89,10 @@ DB_FIXED_BYTES = 16 * PAGE_SIZE  # schema, meta, series and sequence pages
 SHM_BYTES = 32 * 1024  # the WAL index of a WAL under 4,000 frames
 LEDGER_BYTES = 1024
 RESERVE_BYTES = 256 * 1024
-# What the files may hold beyond max_bytes: schema pages, -shm, ledger, reserve,
-# WAL frame headers, and one cycle's transaction in the database and the WAL.
-SPOOL_OVERHEAD_BYTES = 512 * 1024
+# What the files may hold beyond max_bytes: schema pages (64 KiB), -shm (32), ledger (1),
+# reserve (256), WAL frame headers (24 at most) and one transaction of up to 128 KiB
+# in the database and again in the WAL before its checkpoint (256): 633 KiB.
+SPOOL_OVERHEAD_BYTES = 640 * 1024
 KEEP_DAMAGED = 3  # damaged spools kept for inspection (the oldest beyond go)
 SALVAGE_RANGE = 4096  # ids read per query while salvaging
 SALVAGE_TX_ROWS = 2000  # salvaged rows per transaction
@@ -301,6 +304,7 @@ class Spool:
         self._totals: dict[str, int] = {}
         self._committed: State | None = None
         self._disk_full_since: int | None = None  # disk-full drops when the episode began
+        self._log_once = LogOnce(log)
         self._db = self._open()
 
     # --- opening and healing ----------------------------------------------------------------
@@ -727,11 +731,48 @@ class Spool:
 
     # --- peek and ack -------------------------------------------------------------------------
     def peek(self, n: int) -> list[tuple[int, str]]:
-        """Up to ``n`` (rowid, line) pairs, oldest first; they stay until ``ack``ed."""
-        q = "SELECT id, line FROM spool ORDER BY id LIMIT ?"
+        """Up to ``n`` (rowid, line) pairs, oldest first; they stay until ``ack``ed.
+
+        A row whose line is damaged (not UTF-8, or not ending in its own timestamp:
+        garbage that SQLite's structure checks cannot see) is deleted and counted in
+        ``dropped_corrupt_total``, never handed to the shipper.
+        """
+        q = "SELECT id, time_ns, CAST(line AS BLOB) FROM spool ORDER BY id LIMIT ?"
+        out: list[tuple[int, str]] = []
+        damaged: list[int] = []
         with self._lock:
             rows = self._guarded(lambda: self._db.execute(q, (n,)).fetchall())
-        return [(int(r), str(line)) for r, line in rows]
+            for rid, t, raw in rows:
+                line = _intact(raw, t)
+                if line is None:
+                    damaged.append(int(rid))
+                else:
+                    out.append((int(rid), line))
+            if damaged:
+                self._drop_damaged(damaged)
+        return out
+
+    def _drop_damaged(self, ids: list[int]) -> None:
+        def body(db: sqlite3.Connection) -> int:
+            n = self._delete(db, "id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
+            db.execute(_ADD, (n, "dropped_corrupt_total"))
+            return n
+
+        try:
+            n = self._write(body)
+        except sqlite3.DatabaseError as e:
+            if not is_disk_full(e):
+                raise
+            return  # still there; the next peek tries again
+        self._log_once(
+            "damaged rows",
+            logging.ERROR,
+            "spool %s: %d points had damaged lines (first id %d): dropped, counted in "
+            "dropped_corrupt_total",
+            self.path,
+            n,
+            ids[0],
+        )
 
     def ack(self, rowids: Sequence[int]) -> int:
         """Delete rows the store has (or refused for good); return how many were deleted.
@@ -857,24 +898,151 @@ class Spool:
         return f"Spool({str(self.path)!r}, max_bytes={self.max_bytes})"
 
 
+def _intact(raw: object, time_ns: object) -> str | None:
+    """The stored line if it is UTF-8, one line, and ends in its own timestamp."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        line = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    if "\n" in line or not line.endswith(f" {time_ns}"):
+        return None
+    return line
+
+
 # --- salvage ------------------------------------------------------------------------------------
 def salvage_rows(aside: Path, prior: dict[str, object] | None) -> _Salvage:
-    """Every row of a damaged spool that SQLite can still read, and what its meta said.
+    """Every row of a damaged spool that can still be read, and what its meta said.
 
-    Read-only (the file stays as it was found). A file SQLite will not open as a
-    database (its first page damaged) is read through a copy in memory whose
-    first page is rebuilt from the spool's own schema (the WAL is then not read).
+    Read-only (the file stays as it was found). First through SQLite, by rowid
+    ranges halved around each error (a file SQLite will not open as a database,
+    its first page damaged, is read through a copy in memory whose first page is
+    rebuilt from the spool's own schema; the WAL is then not read); then page by
+    page, for the rows under a damaged interior page that SQLite cannot reach:
+    every table leaf page whose cells have the spool's shape. A row is taken
+    only if its line parses and carries its own timestamp, and only at or above
+    the lowest id the spool still held (older ones were shipped or dropped).
     """
     db = _open_readonly(aside)
     if db is None:
         db = _open_with_rebuilt_first_page(aside)
     if db is None:
-        log.error("spool: nothing can be read from %s", aside)
-        return _Salvage([], {}, None, 0)
+        salvage = _Salvage([], {}, None, 0)
+        los: list[int] = []
+        his: list[int] = []
+    else:
+        try:
+            salvage, los, his = _read_all(db, prior)
+        finally:
+            db.close()
+    floors = [lo for lo in los if lo > 0]
+    floor = min(floors) if floors else 1
+    ceiling = max(his) if his else None
+    have = {rid for rid, _, _, _ in salvage.rows}
+    bad: set[int] = set()
+    for rid, (t, line) in _scan_leaf_pages(aside).items():
+        if rid in have or rid < floor or (ceiling is not None and rid > ceiling):
+            continue
+        try:
+            key, ts, canon = encode_parts(decode(line))
+        except (LineProtocolError, ValueError, TypeError):
+            bad.add(rid)
+            continue
+        if ts != t:
+            bad.add(rid)
+            continue
+        salvage.rows.append((rid, key, ts, canon))
+        have.add(rid)
+    salvage.rows.sort()
+    salvage.unreadable += len(bad - have)
+    return salvage
+
+
+def _varint(buf: bytes | mmap.mmap, pos: int) -> tuple[int, int]:
+    v = 0
+    for i in range(8):
+        b = buf[pos + i]
+        v = (v << 7) | (b & 0x7F)
+        if not b & 0x80:
+            return v, pos + i + 1
+    return (v << 8) | buf[pos + 8], pos + 9
+
+
+_INT_SIZES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}
+
+
+def _record(payload: bytes) -> list[object] | None:
+    """A record's values (ints, text), or None when it is not a valid one."""
+    hlen, pos = _varint(payload, 0)
+    if not 0 < hlen <= len(payload):
+        return None
+    types = []
+    while pos < hlen:
+        t, pos = _varint(payload, pos)
+        types.append(t)
+    out: list[object] = []
+    body = hlen
+    for t in types:
+        if t == 0:
+            out.append(None)
+        elif t in _INT_SIZES:
+            n = _INT_SIZES[t]
+            out.append(int.from_bytes(payload[body : body + n], "big", signed=True))
+            body += n
+        elif t in (8, 9):
+            out.append(t - 8)
+        elif t >= 13 and t % 2:
+            n = (t - 13) // 2
+            try:
+                out.append(payload[body : body + n].decode())
+            except UnicodeDecodeError:
+                return None
+            body += n
+        else:
+            return None  # floats and blobs: not a spool row
+        if body > len(payload):
+            return None
+    return out
+
+
+def _scan_leaf_pages(path: Path) -> dict[int, tuple[int, str]]:
+    """id -> (time_ns, line) of every cell shaped like a spool row, on any table leaf page."""
+    found: dict[int, tuple[int, str]] = {}
     try:
-        return _read_all(db, prior)
-    finally:
-        db.close()
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            max_local = PAGE_SIZE - 35  # larger payloads spill to overflow pages: not read
+            for off in range(0, len(buf) - PAGE_SIZE + 1, PAGE_SIZE):
+                hdr = off + (100 if off == 0 else 0)
+                if buf[hdr] != 0x0D:  # not a table leaf
+                    continue
+                ncells = int.from_bytes(buf[hdr + 3 : hdr + 5], "big")
+                for i in range(min(ncells, PAGE_SIZE // 4)):
+                    ptr = hdr + 8 + 2 * i
+                    cell = off + int.from_bytes(buf[ptr : ptr + 2], "big")
+                    if not hdr + 8 <= cell < off + PAGE_SIZE - 4:
+                        continue
+                    try:
+                        size, pos = _varint(buf, cell)
+                        rid, pos = _varint(buf, pos)
+                        if size > max_local or pos + size > off + PAGE_SIZE:
+                            continue
+                        rec = _record(bytes(buf[pos : pos + size]))
+                    except IndexError:
+                        continue
+                    if (
+                        rec is not None
+                        and len(rec) == 5
+                        and rec[0] is None
+                        and isinstance(rec[1], int)
+                        and isinstance(rec[2], int)
+                        and isinstance(rec[3], str)
+                        and isinstance(rec[4], int)
+                    ):
+                        found.setdefault(rid, (rec[2], rec[3]))
+    except (OSError, ValueError):
+        return found
+    return found
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection | None:
@@ -940,7 +1108,10 @@ def _try(db: sqlite3.Connection, q: str) -> list[tuple[object, ...]]:
         return []
 
 
-def _read_all(db: sqlite3.Connection, prior: dict[str, object] | None) -> _Salvage:
+def _read_all(
+    db: sqlite3.Connection, prior: dict[str, object] | None
+) -> tuple[_Salvage, list[int], list[int]]:
+    """Rows read through SQLite, and the candidate lowest and highest ids."""
     totals: dict[str, int] = {}
     depth: int | None = None
     for k, v in _try(db, "SELECT k, v FROM meta"):
@@ -992,4 +1163,4 @@ def _read_all(db: sqlite3.Connection, prior: dict[str, object] | None) -> _Salva
         hi = max(his)
         for start in range(lo, hi + 1, SALVAGE_RANGE):
             read(start, min(start + SALVAGE_RANGE - 1, hi))
-    return _Salvage(rows, totals, depth, unreadable)
+    return _Salvage(rows, totals, depth, unreadable), los, his
