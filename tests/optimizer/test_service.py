@@ -22,6 +22,7 @@ from dcenergy.errors import EX_CONFIG, EX_INFEASIBLE, StoreUnavailable
 from dcenergy.plan import generate_keypair, load_private_key, load_public_key, verify_part
 from dcenergy.publish import fetch_latest_part
 from dcenergy.schema import Point
+from dcenergy.store.base import AggregateQuery, AggRow, ReadStats
 from dcenergy.store.embedded import EmbeddedStore
 from optimizer import service as service_mod
 from optimizer.service import LAST_PLAN_FILE, STATE_FILE, OptimizerService
@@ -86,6 +87,20 @@ class FlakyStore:
         if self.reads_down:
             raise StoreUnavailable("store down (test)")
         return self.inner.read(measurement, start_ns=start_ns, end_ns=end_ns, tags=tags)
+
+    def aggregate(self, query: AggregateQuery) -> list[AggRow]:
+        if self.reads_down:
+            raise StoreUnavailable("store down (test)")
+        return self.inner.aggregate(query)
+
+    def newest(self, measurement: str, *, tags: Mapping[str, str], start_ns: int) -> Point | None:
+        if self.reads_down:
+            raise StoreUnavailable("store down (test)")
+        return self.inner.newest(measurement, tags=tags, start_ns=start_ns)
+
+    @property
+    def stats(self) -> ReadStats:
+        return self.inner.stats
 
     def close(self) -> None:
         self.inner.close()
