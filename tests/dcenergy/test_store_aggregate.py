@@ -518,6 +518,23 @@ def test_percentile_index_falls_outside_for_small_q(new_store: StoreFactory) -> 
     assert row.values == {"p50_mem_used_bytes": 3}
 
 
+def test_a_lone_percentile_by_a_tag_keeps_every_group(new_store: StoreFactory) -> None:
+    # p25 of one value is absent (index -1) for host "" and "b"; host "a" and "c" have one.
+    pts = [
+        Point("gpu", {}, {"power_w": 1.0}, T0),
+        gpu("a", 0, 0, power_w=2.0),
+        gpu("a", 0, 1, power_w=3.0),
+        gpu("b", 0, 0, power_w=4.0),
+        gpu("c", 0, 0, power_w=5.0),
+        gpu("c", 0, 1, power_w=6.0),
+    ]
+    q = AggregateQuery(
+        "gpu", (Agg(Fn.PERCENTILE, "power_w", 25.0),), T0, T0 + 10 * 10**9, by=("host",)
+    )
+    got = _run(new_store(), pts, q)
+    assert [(r.tags["host"], r.values["p25_power_w"]) for r in got] == [("a", 2.0), ("c", 5.0)]
+
+
 def test_newest_point_of_a_series(new_store: StoreFactory) -> None:
     store = new_store()
     future = T0 + 3600 * 10**9

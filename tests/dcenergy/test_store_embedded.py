@@ -21,8 +21,9 @@ import pytest
 from dcenergy.errors import StoreError
 from dcenergy.lineprotocol import WriteOutcome, encode_many, encode_parts
 from dcenergy.schema import GPU, FieldValue, Point
-from dcenergy.store import EmbeddedStore, InfluxStore, Store, open_store
+from dcenergy.store import EmbeddedStore, InfluxStore, Store, embedded, open_store
 from dcenergy.store.base import Agg, AggregateQuery, Fn
+from tests.dcenergy.test_store_aggregate import check, reference
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -431,3 +432,32 @@ def test_a_file_in_the_old_layout_is_migrated_on_open(tmp_path: Path) -> None:
     s = EmbeddedStore(path)  # a second open finds nothing to migrate
     assert s.count() == len(old_points) + 1
     s.close()
+
+
+@pytest.mark.parametrize("short_list", [True, False], ids=["rank-list", "counted-partitions"])
+def test_median_and_percentiles_by_either_window_pass(
+    store: EmbeddedStore, monkeypatch: pytest.MonkeyPatch, short_list: bool
+) -> None:
+    """Both ways of picking ranks (a short list of ranks, or each partition counted)."""
+    if not short_list:
+        monkeypatch.setattr(embedded, "_RANK_LIST_MAX", 0)
+    rng = random.Random(3)
+    points = [
+        gpu(f"h{h}", i, t * 10**8, rng.choice([rng.uniform(0, 100), 5.0]), mem_used_bytes=t % 7)
+        for h in range(3)
+        for i in range(2)
+        for t in range(rng.randrange(1, 60))
+    ]
+    store.write(points)
+    aggs = (
+        Agg(Fn.MEDIAN, "power_w"),
+        Agg(Fn.PERCENTILE, "power_w", 90.0),
+        Agg(Fn.PERCENTILE, "power_w", 3.0),
+        Agg(Fn.MEDIAN, "mem_used_bytes"),
+        Agg(Fn.PERCENTILE, "mem_used_bytes", 50.0),
+    )
+    for by, every_s in (((), None), (("host",), None), (("host", "gpu"), 0.7), ((), 1.3)):
+        q = AggregateQuery("gpu", aggs, 0, 6 * 10**9, by=by, every_s=every_s)
+        want = reference(points, q)
+        assert want
+        check(store.aggregate(q), want, q)
