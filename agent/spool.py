@@ -333,6 +333,13 @@ class Spool:
         prior = self._ledger.read()
         self._ledger.close()
         existed = self.path.exists()
+        if _free_bytes(self.path.parent) < RESERVE_BYTES and self._release_reserve():
+            # Opening writes too (-shm, WAL): on a full disk the reserve makes the room.
+            log.warning(
+                "spool: the disk of %s is full: released the %d KiB reserve to open the spool",
+                self.path.parent,
+                RESERVE_BYTES // 1024,
+            )
         db: sqlite3.Connection | None = None
         lost = 0
         if damaged is None:
@@ -896,6 +903,14 @@ class Spool:
 
     def __repr__(self) -> str:
         return f"Spool({str(self.path)!r}, max_bytes={self.max_bytes})"
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
 
 def _intact(raw: object, time_ns: object) -> str | None:

@@ -102,6 +102,21 @@ def test_disk_full_drops_are_counted_even_if_no_commit_ever_persists_them(
         s.close()
 
 
+def test_a_spool_opens_on_a_full_disk(small_tmpfs: Path) -> None:
+    """Opening writes (-shm, WAL): the reserve makes the room, so an agent (re)starts."""
+    s = Spool(small_tmpfs / "spool.sqlite", max_bytes=BOUND)
+    for i in range(20):
+        s.put(gpu_points(9, i * 9))
+    s.close()
+    fill_disk(small_tmpfs)
+    s = Spool(small_tmpfs / "spool.sqlite", max_bytes=BOUND)
+    try:
+        assert s.depth() == 180
+        assert s.ack([rid for rid, _ in s.peek(1000)]) == 180  # and it drains
+    finally:
+        s.close()
+
+
 def test_agent_on_a_full_disk_keeps_sampling_and_shipping(
     small_tmpfs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

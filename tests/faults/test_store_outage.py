@@ -239,3 +239,58 @@ def test_agent_with_a_hung_store_logs_one_warning_not_one_per_interval(
     ]
     assert len(shipper_warnings) == 1, [r.getMessage() for r in shipper_warnings]
     assert hanging_store.writes > 0
+
+
+@pytest.mark.influxdb
+@pytest.mark.slow
+def test_agent_resumes_shipping_within_seconds_after_influxdb_returns(
+    own_influxd: InfluxServer, tmp_path: Path
+) -> None:
+    """The whole agent: an outage long enough for a minutes-long backoff, then the store."""
+    cfg = Config(
+        agent=AgentConfig(
+            host="n1",
+            state_dir=tmp_path / "state",
+            runtime_dir=tmp_path / "run",
+            simulate=2,
+            backend="simulated",
+            interval_s=0.5,
+            ship_interval_s=2.0,
+        ),
+        store=StoreConfig(
+            influx_url=own_influxd.url, database="agent", create_database=True, timeout_s=2.0
+        ),
+    )
+    daemon = AgentDaemon(cfg)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 30
+        while daemon.shipper.counters.points_shipped_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        daemon.shipper.backoff_base_s = 300.0  # the first failure backs off the longest:
+        daemon.shipper._rng = lambda: 1.0  # 300 s, as after a long outage
+        own_influxd.stop()
+        deadline = time.monotonic() + 30
+        while daemon.shipper.counters.errors_total < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the failed attempt, then failed probes
+        backoff_s = daemon.shipper.not_before - time.monotonic()
+        assert backoff_s > 200
+        shipped = daemon.shipper.counters.points_shipped_total
+        own_influxd.start()
+        back = time.monotonic()
+        while (
+            daemon.shipper.counters.points_shipped_total == shipped and time.monotonic() - back < 60
+        ):
+            time.sleep(0.05)
+        resumed_s = time.monotonic() - back
+        while daemon.spool.depth() > 20 and time.monotonic() - back < 60:
+            time.sleep(0.05)
+        drained_s = time.monotonic() - back
+        assert daemon.shipper.counters.last_error == ""
+    finally:
+        daemon.shutdown()
+    print(
+        f"agent: backoff {max(backoff_s, 0):.0f} s left when influxd came back; "
+        f"shipping resumed after {resumed_s:.1f} s, spool drained after {drained_s:.1f} s"
+    )
+    assert resumed_s <= RESUME_WITHIN_S and drained_s <= RESUME_WITHIN_S
