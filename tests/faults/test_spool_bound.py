@@ -43,6 +43,10 @@ def test_files_on_disk_stay_within_the_bound(tmp_path: Path, bound_mb: float) ->
         s.close()
     assert c.dropped_overflow_total > 0  # the bound was reached
     assert c.spool_depth + c.dropped_overflow_total + acked == cycles * 9  # each one counted
+    print(
+        f"bound {bound_mb} MB: at most {worst / MB:.3f} MB on disk, "
+        f"{(worst - bound) / 1024:+.0f} KiB"
+    )
     assert worst <= bound + SPOOL_OVERHEAD_BYTES, (worst, bound)
 
 

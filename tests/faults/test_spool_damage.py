@@ -276,6 +276,10 @@ def test_wal_garbage_after_sigkill_is_counted_exactly(
         assert c.dropped_overflow_total == 0 and c.points_spooled_total == committed
     finally:
         s.close()
+    print(
+        f"WAL garbage in frame {garbled} of {len(frames)}: {committed} committed, "
+        f"{c.spool_depth} salvaged, {c.dropped_corrupt_total} counted ({lost_commits} commits)"
+    )
     logged = [r.getMessage() for r in caplog.records if "are gone" in r.getMessage()]
     assert len(logged) == 1 and str(c.dropped_corrupt_total) in logged[0]
     assert list(tmp_path.glob("spool.sqlite.corrupt-*-wal"))  # the damaged WAL is kept
