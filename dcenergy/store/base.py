@@ -17,10 +17,11 @@ Semantics both stores keep, so a reader never branches on the kind of store
 
 * A time bucket is ``[k·every, (k+1)·every)`` aligned to the epoch (InfluxQL's
   default, no offset); buckets with no value of any requested field are left out.
-* Aggregates ignore points that lack the field. ``mean`` is a float;
-  ``count`` an int; ``min``, ``max``, ``first``, ``last``, ``median`` and
-  ``percentile`` keep the field's type (``median`` of an even count is the
-  mean of the two middle values, a float). ``percentile(q)`` is InfluxQL's
+* Aggregates ignore points that lack the field. ``mean`` and ``median`` are
+  floats (``median`` of an even count is the mean of the two middle values;
+  InfluxDB's median of an int field is a float either way); ``count`` an int;
+  ``min``, ``max``, ``first``, ``last`` and ``percentile`` keep the field's
+  type. ``percentile(q)`` is InfluxQL's
   nearest rank: the sorted values' element ``floor(n·q/100 + 0.5) - 1``,
   absent when that index falls outside.
 * ``first``/``last`` pick by time; ties between series of one group are
@@ -30,6 +31,7 @@ Semantics both stores keep, so a reader never branches on the kind of store
 
 from __future__ import annotations
 
+import decimal
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,12 @@ from typing import Protocol, runtime_checkable
 
 from dcenergy.lineprotocol import WriteResult
 from dcenergy.schema import FieldValue, Point
+
+
+def plain_decimal(x: float) -> str:
+    """``x`` exactly as Python prints it, without an exponent (InfluxQL refuses ``1e-05``)."""
+    text = format(decimal.Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 class Fn(enum.StrEnum):
@@ -71,7 +79,7 @@ class Agg:
     def alias(self) -> str:
         """The key of this aggregate's value in each row: ``mean_power_w``, ``p95_power_w``."""
         if self.fn is Fn.PERCENTILE:
-            return f"p{self.q:g}_{self.field}".replace(".", "_")
+            return f"p{plain_decimal(self.q or 0.0)}_{self.field}".replace(".", "_")
         return f"{self.fn.value}_{self.field}"
 
 

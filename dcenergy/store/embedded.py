@@ -929,7 +929,7 @@ class _Aggregation:
             for a, ranks in by_agg.items():
                 if not ranks or any(r not in got for r in ranks):
                     continue
-                if len(ranks) == 2:  # median of an even count: mean of the two middle values
-                    self.put(*key, a.alias, (float(got[ranks[0]]) + float(got[ranks[1]])) / 2)
+                if a.fn is Fn.MEDIAN:  # a float; of an even count, the two middles' mean
+                    self.put(*key, a.alias, sum(float(got[r]) for r in ranks) / len(ranks))
                 else:
                     self.put(*key, a.alias, _from_sql(fx.kind, got[ranks[0]]))

@@ -15,7 +15,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +37,7 @@ from dcenergy.store.base import (
     FieldFilter,
     Fn,
     ReadStats,
+    plain_decimal,
     sort_rows,
 )
 
@@ -152,8 +153,19 @@ def _where(
 
 def _influx_fn(a: Agg) -> str:
     if a.fn is Fn.PERCENTILE:
-        return f"percentile({quote_ident(a.field)}, {a.q:g})"
+        return f"percentile({quote_ident(a.field)}, {plain_decimal(a.q or 0.0)})"
     return f"{a.fn.value}({quote_ident(a.field)})"
+
+
+def _duration(every_s: float) -> str:
+    """A GROUP BY time() width InfluxQL reads exactly: whole ms where it is, else ns."""
+    ms = every_s * 1000
+    return f"{round(ms)}ms" if abs(ms - round(ms)) < 1e-9 else f"{round(every_s * 1e9)}ns"
+
+
+# influxd 1.x drops every later group when a SELECT of percentile() alone finds no
+# element at the rank in one group; a count() beside it keeps every group (null there).
+_KEEP_GROUPS = "__dcenergy_n"
 
 
 def _result_kind(a: Agg, field_kind: str | None) -> str | None:
@@ -201,6 +213,7 @@ class InfluxStore:
         self.url = url.rstrip("/")
         self.chunk_size = chunk_size
         self.stats = ReadStats()
+        self._server_types: dict[str, dict[str, str]] = {}
         self.database = database
         self.create_database = create_database
         headers = {"User-Agent": "dcenergy"}
@@ -397,22 +410,38 @@ class InfluxStore:
         return list(self._stream(q, what=f"query {q!r}", with_db=with_db))
 
     def field_types(self, measurement: str) -> dict[str, str]:
-        """Field name → InfluxDB type; from the schema when it declares the measurement."""
-        known = MEASUREMENTS.get(measurement)
-        if known is not None:
-            return {f.name: _INFLUX_TYPE[f.kind] for f in known.fields}
+        """Field name → InfluxDB type (float, integer, string, boolean), as the server has them."""
         out: dict[str, str] = {}
         for s in self._query(f"SHOW FIELD KEYS FROM {quote_ident(measurement)}"):
             for name, kind in s.get("values") or []:
                 out.setdefault(str(name), str(kind))
+        self._server_types[measurement] = out
         return out
 
+    def _types(self, measurement: str, fields: Iterable[str] = ()) -> dict[str, str]:
+        """Field types from the schema; the server is asked only for fields it does not declare.
+
+        JSON loses float-vs-int, so every value is typed from here. The server's
+        answer is kept for the store's life (a field's type never changes in InfluxDB).
+        """
+        known = MEASUREMENTS.get(measurement)
+        types = {} if known is None else {f.name: _INFLUX_TYPE[f.kind] for f in known.fields}
+        missing = [f for f in fields if f not in types]
+        if known is None or missing:
+            server = self._server_types.get(measurement)
+            if server is None or any(f not in server for f in missing):
+                server = self.field_types(measurement)
+            types = {**server, **types}
+        return types
+
     def _points(
-        self, q: str, measurement: str, types: Mapping[str, str], what: str
+        self, q: str, measurement: str, types: dict[str, str], what: str
     ) -> Iterator[Point]:
         for s in self._stream(q, what=what):
             s_tags = {k: v for k, v in (s.get("tags") or {}).items() if v}
             cols: list[str] = s["columns"]
+            if any(c not in types for c in cols[1:]):  # a field the schema does not declare
+                types.update(self._types(measurement, cols[1:]))
             for row in s.get("values") or []:
                 fields = {
                     c: _coerce(types.get(c), v)
@@ -431,7 +460,7 @@ class InfluxStore:
         tags: Mapping[str, str] | None = None,
     ) -> list[Point]:
         """Raw points of one measurement in [start_ns, end_ns), tag-filtered, oldest first."""
-        types = self.field_types(measurement)
+        types = self._types(measurement)
         if not types:
             return []
         end = MAX_TIME_NS if end_ns is None else end_ns
@@ -444,7 +473,7 @@ class InfluxStore:
 
     def newest(self, measurement: str, *, tags: Mapping[str, str], start_ns: int) -> Point | None:
         """The newest matching point: ``ORDER BY time DESC LIMIT 1`` per series, one query."""
-        types = self.field_types(measurement)
+        types = self._types(measurement)
         if not types:
             return None
         where = _where(start_ns, MAX_TIME_NS, tags, ())
@@ -461,12 +490,14 @@ class InfluxStore:
 
     def aggregate(self, query: AggregateQuery) -> list[AggRow]:
         """The server computes the aggregates; one statement, streamed in chunks."""
-        types = self.field_types(query.measurement)
+        types = self._types(query.measurement, {a.field for a in query.aggs})
         select = ", ".join(f"{_influx_fn(a)} AS {quote_ident(a.alias)}" for a in query.aggs)
+        if all(a.fn is Fn.PERCENTILE for a in query.aggs):
+            select += f", count({quote_ident(query.aggs[0].field)}) AS {quote_ident(_KEEP_GROUPS)}"
         where = _where(query.start_ns, query.end_ns, query.tags, query.where)
         group = [quote_ident(t) for t in query.by]
         if query.every_s is not None:
-            group.append(f"time({round(query.every_s * 1000)}ms)")
+            group.append(f"time({_duration(query.every_s)})")
         q = f"SELECT {select} FROM {quote_ident(query.measurement)} WHERE {where}"  # noqa: S608
         if group:
             q += f" GROUP BY {', '.join(group)}"
@@ -482,7 +513,7 @@ class InfluxStore:
                 values = {
                     c: _coerce(kinds.get(c), v)
                     for c, v in zip(cols[1:], row[1:], strict=True)
-                    if v is not None
+                    if v is not None and c != _KEEP_GROUPS
                 }
                 if values:
                     t = int(row[0]) if query.every_s is not None else None

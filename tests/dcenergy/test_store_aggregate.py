@@ -145,9 +145,9 @@ def reference_agg(a: Agg, vals: Sequence[tuple[int, FieldValue]]) -> Expect | No
         edge = min(t for t, _ in vals) if a.fn is Fn.FIRST else max(t for t, _ in vals)
         return OneOf(tuple(v for t, v in vals if t == edge))
     s = sorted(xs)
-    if a.fn is Fn.MEDIAN:
+    if a.fn is Fn.MEDIAN:  # always a float (InfluxDB's median of ints is one)
         if n % 2:
-            return Exact(s[n // 2])
+            return Close(float(s[n // 2]))
         return Close((float(s[n // 2 - 1]) + float(s[n // 2])) / 2)
     assert a.q is not None
     i = math.floor(n * a.q / 100 + 0.5) - 1
