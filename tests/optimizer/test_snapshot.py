@@ -9,7 +9,7 @@ import pytest
 from dcenergy import schema
 from dcenergy.store.embedded import EmbeddedStore
 from optimizer.problem import parse_problem
-from optimizer.snapshot import EmptyWindow, build_problem
+from optimizer.snapshot import EmptyWindow, bucket_s, build_problem
 from optimizer.topology import single_domain
 
 S = 1_000_000_000
@@ -108,23 +108,44 @@ def test_an_empty_window_says_so(tmp_path: Path) -> None:
 
 def test_a_cap_with_many_readings_gives_replicate_samples_in_time_order(tmp_path: Path) -> None:
     """Consecutive runs of readings at one cap become separate samples, so the
-    fit sees their spread as pure error (one mean per cap would hide it)."""
+    fit sees their spread as pure error (one mean per cap would hide it).
+
+    The store answers time-bucketed means (15 s buckets for a 600 s window);
+    runs are made of whole buckets with about equal numbers of readings.
+    """
     s = EmbeddedStore(tmp_path / "r.sqlite")
+    every = int(bucket_s(600) * S)
+    base = (NOW - 590 * S) // every * every + every  # the first whole bucket in the window
     pts = []
-    for i in range(13):  # 13 readings at 500 W: runs of 5, 4, 4
-        t = NOW - (60 - i) * S
+    for i in range(13):  # 13 buckets of one reading at 500 W: runs of 4, 5, 4
+        t = base + i * every
         pts += [
             gpu("a", "GPU-a0", t, power=500, util=95, job="j1"),
             job("a", "j1", "GPU-a0", t, cap=500.0, thr=float(i), power=499.0),
         ]
     for i in range(3):  # too few at 700 W for more than one
-        t = NOW - (40 - i) * S
+        t = base + (13 + i) * every
         pts.append(job("a", "j1", "GPU-a0", t, cap=700.0, thr=20.0 + i, power=650.0))
     s.write(pts)
     (j1,) = doc(s)["jobs"]
     assert [(x["cap_w"], x["throughput"]) for x in j1["samples"]] == [
-        (500.0, 2.0),  # mean of 0..4
-        (500.0, 6.5),  # 5..8
+        (500.0, 1.5),  # mean of 0..3
+        (500.0, 6.0),  # 4..8
         (500.0, 10.5),  # 9..12
         (700.0, 21.0),
     ]
+
+
+def test_a_bucket_whose_cap_moved_is_left_out(tmp_path: Path) -> None:
+    """Readings of a bucket in which the reconciler moved the cap mix two caps."""
+    s = EmbeddedStore(tmp_path / "m.sqlite")
+    every = int(bucket_s(600) * S)
+    base = (NOW - 590 * S) // every * every + every
+    pts = [gpu("a", "GPU-a0", base, power=500, util=95, job="j1")]
+    for i in range(12):  # one bucket at 700 W, one mixed (700 then 400), one at 400 W
+        cap = 700.0 if i < 6 else 400.0
+        t = base + i * every // 4
+        pts.append(job("a", "j1", "GPU-a0", t, cap=cap, thr=cap / 10, power=cap - 10))
+    s.write(pts)
+    (j1,) = doc(s)["jobs"]
+    assert [(x["cap_w"], x["throughput"]) for x in j1["samples"]] == [(400.0, 40.0), (700.0, 70.0)]
