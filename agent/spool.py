@@ -97,7 +97,7 @@ SPOOL_OVERHEAD_BYTES = 640 * 1024
 KEEP_DAMAGED = 3  # damaged spools kept for inspection (the oldest beyond go)
 SALVAGE_RANGE = 4096  # ids read per query while salvaging
 SALVAGE_TX_ROWS = 2000  # salvaged rows per transaction
-ACK_CHUNK_ON_FULL_DISK = 256
+ACK_CHUNK_ON_FULL_DISK = 64  # rows per delete on a full disk: a few WAL pages each
 RESERVE_RETRY_S = 60.0
 
 COUNTER_KEYS = (
@@ -622,7 +622,9 @@ class Spool:
                         raise
                     self._dropped_for_disk_full(len(encoded), invalid, e2)
                     return 0
-            if self._disk_full_since is not None:
+            if (
+                self._disk_full_since is not None and _free_bytes(self.path.parent) >= RESERVE_BYTES
+            ):  # real room again, not only pages the spool had freed
                 log.warning(
                     "spool: disk space is back; %d points were dropped while the disk was "
                     "full (dropped_disk_full_total)",
@@ -812,8 +814,24 @@ class Spool:
                 )
             deleted = 0
             for i in range(0, len(ids), ACK_CHUNK_ON_FULL_DISK):
-                deleted += self._ack_once(ids[i : i + ACK_CHUNK_ON_FULL_DISK])
+                try:
+                    deleted += self._ack_once(ids[i : i + ACK_CHUNK_ON_FULL_DISK])
+                except sqlite3.DatabaseError as e:
+                    if not is_disk_full(e):
+                        raise
+                    # Still there, so sent again later: the store keeps one copy (same
+                    # series and time). Nothing is lost; a later ack deletes them.
+                    self._log_once(
+                        "ack on a full disk",
+                        logging.WARNING,
+                        "spool: the disk of %s is full: %d shipped points cannot be deleted "
+                        "yet and will be sent again",
+                        self.path.parent,
+                        len(ids) - deleted,
+                    )
+                    return deleted
                 self._checkpoint("RESTART")
+            self._log_once.forget("ack on a full disk")
             return deleted
 
     def _ack_once(self, ids: list[int]) -> int:
@@ -946,16 +964,13 @@ def salvage_rows(aside: Path, prior: dict[str, object] | None) -> _Salvage:
     bad: set[int] = set()  # ids whose line is damaged
     if db is None:
         salvage = _Salvage([], {}, None, 0)
-        los: list[int] = []
-        his: list[int] = []
+        los, his = _ledger_bounds(prior)
+        floor, ceiling = (min(los) if los else 1), (max(his) if his else None)
     else:
         try:
-            salvage, los, his = _read_all(db, prior, bad)
+            salvage, floor, ceiling = _read_all(db, prior, bad)
         finally:
             db.close()
-    floors = [lo for lo in los if lo > 0]
-    floor = min(floors) if floors else 1
-    ceiling = max(his) if his else None
     have = {rid for rid, _, _, _ in salvage.rows}
     for rid, (t, line) in _scan_leaf_pages(aside).items():
         if rid in have or rid < floor or (ceiling is not None and rid > ceiling):
@@ -1140,10 +1155,28 @@ def _try(db: sqlite3.Connection, q: str) -> list[tuple[object, ...]]:
         return []
 
 
+def _ledger_bounds(prior: dict[str, object] | None) -> tuple[list[int], list[int]]:
+    """The lowest and highest ids of the ledger's states that held rows."""
+    los: list[int] = []
+    his: list[int] = []
+    for key in ("c", "p"):
+        st = prior.get(key) if prior else None
+        ok = isinstance(st, list) and len(st) == 3 and all(isinstance(x, int) for x in st)
+        if ok and isinstance(st, list) and st[2] > 0:
+            los.append(st[0])
+            his.append(st[1])
+    return los, his
+
+
 def _read_all(
     db: sqlite3.Connection, prior: dict[str, object] | None, bad: set[int]
-) -> tuple[_Salvage, list[int], list[int]]:
-    """Rows read through SQLite, and the candidate lowest and highest ids."""
+) -> tuple[_Salvage, int, int | None]:
+    """Rows read through SQLite; the lowest id still live and the highest id, if known.
+
+    The lowest live id: the ledger's; else the table's own min(id); else, with no
+    ledger and a damaged table, the highest id less the depth the meta recorded
+    (ids are given in arrival order and the oldest go first).
+    """
     totals: dict[str, int] = {}
     depth: int | None = None
     for k, v in _try(db, "SELECT k, v FROM meta"):
@@ -1152,20 +1185,24 @@ def _read_all(
                 totals[k] = v
             elif k == "depth":
                 depth = v
-    los: list[int] = []
-    his: list[int] = []
-    for key in ("c", "p"):
-        st = prior.get(key) if prior else None
-        if isinstance(st, list) and len(st) == 3 and st[2]:
-            los.append(int(st[0]))
-            his.append(int(st[1]))
+    ledger_los, his = _ledger_bounds(prior)
+    table_lo: int | None = None
     for lo, hi in _try(db, "SELECT min(id), max(id) FROM spool"):
         if isinstance(lo, int) and isinstance(hi, int):
-            los.append(lo)
+            table_lo = lo
             his.append(hi)
     for (seq,) in _try(db, "SELECT seq FROM sqlite_sequence WHERE name = 'spool'"):
         if isinstance(seq, int):
             his.append(seq)
+    if ledger_los:
+        floor = min(ledger_los)
+    elif table_lo is not None:
+        floor = table_lo
+    elif depth is not None and his:
+        floor = max(1, max(his) - depth + 1)
+    else:
+        floor = 1
+    los = [*ledger_los, *([table_lo] if table_lo is not None else []), floor]
     rows: list[tuple[int, str, int, str]] = []
 
     def read(a: int, b: int) -> None:
@@ -1192,4 +1229,4 @@ def _read_all(
         hi = max(his)
         for start in range(lo, hi + 1, SALVAGE_RANGE):
             read(start, min(start + SALVAGE_RANGE - 1, hi))
-    return _Salvage(rows, totals, depth, 0), los, his
+    return _Salvage(rows, totals, depth, 0), floor, (max(his) if his else None)
