@@ -9,15 +9,17 @@ The shipper ``peek``s the oldest rows and ``ack``s them once the store has them.
 **Bounded on disk.** ``max_bytes`` bounds the files, not only the rows: the
 database, its WAL and ``-shm``, the ledger and the disk-full reserve together
 stay within ``max_bytes + SPOOL_OVERHEAD_BYTES`` (640 KiB; a transaction over
-128 KiB, such as one put of thousands of points, may add its size). The WAL is checkpointed every
-``wal_budget`` bytes (1/16 of the bound, 64 KiB to 4 MiB) and cut back to that
-size (``journal_size_limit``); the database's pages in use are kept within
-``max_bytes`` less the WAL budget (plus 64 KiB of schema pages). When a ``put``
-goes over either bound, the OLDEST rows are dropped in the same transaction
-and every dropped point is counted in a persisted counter, reported as
-``dropped_overflow_total``. Depth, size and counters live in a ``meta`` table
-updated in the same transactions as the rows (aggregated per statement:
-per-row triggers halved put/ack speed), so they are exact after any crash.
+128 KiB, such as one put of thousands of points, may add its size). The WAL is
+checkpointed every ``wal_budget`` bytes (1/16 of the bound, 64 KiB to 4 MiB)
+and cut back to that size (``journal_size_limit``); the database's pages in
+use are kept within ``max_bytes`` less the WAL budget (plus 64 KiB of schema
+pages), and a file grown under a larger bound is compacted on open. When a
+``put`` goes over either bound, the OLDEST rows are dropped in the same
+transaction and every dropped point is counted in a persisted counter,
+reported as ``dropped_overflow_total``. Depth, size and counters live in a
+``meta`` table updated in the same transactions as the rows (aggregated per
+statement: per-row triggers halved put/ack speed), so they are exact after any
+crash.
 
 **Durability.** ``journal_mode=WAL`` with ``synchronous=NORMAL`` makes every
 committed transaction durable against a crash of the process (SIGKILL, OOM):
@@ -28,30 +30,39 @@ would fsync each commit; not worth it for telemetry).
 **A damaged spool heals, and says what it lost.** On open (and when a
 statement reports corruption later), a spool that fails ``PRAGMA quick_check``
 or that SQLite cannot open as a database is moved aside
-(``spool.sqlite.corrupt-<UTC time>``, with its ``-wal``; the newest
-``KEEP_DAMAGED`` are kept for inspection), every row SQLite can still read is
-copied into a fresh spool (rowid ranges, halved around each unreadable page;
-a file whose first page is damaged is read through a rebuilt first page), and
-every point that could not be is counted in ``dropped_corrupt_total`` and
-logged once. Losses SQLite cannot see — garbage in the WAL makes it drop
-every later commit as if it had never happened, consistently — are found by
-the *ledger*: a 1 KiB side file rewritten in place (no allocation, so it works
-on a full disk) around every commit with the id range and the number of rows
-the spool holds (before and after the commit in flight, so a crash between the
-two writes is never mistaken for a loss) and every counter. On open, rows the
-ledger says were committed but that are not there are counted as
-``dropped_corrupt_total``. Rows can be counted short (never double): a row
-that a lost transaction had acked comes back and is shipped again (the store
-overwrites the same series and time), and it can mask a lost one.
+(``spool.sqlite.corrupt-<UTC time>``, with its ``-wal``, byte for byte as
+found; the newest ``KEEP_DAMAGED`` are kept for inspection) and every row that
+can still be read is copied, under its old id, into a fresh spool: through
+SQLite by rowid ranges halved around each error (a file whose first page is
+damaged is read through a rebuilt one: a spool's first page is its schema),
+then page by page for the rows under a damaged interior page that SQLite
+cannot reach. Every point that could not be is counted in
+``dropped_corrupt_total`` and logged once. A row whose line is damaged while
+the pages around it are sound (not UTF-8, not ending in its own timestamp) is
+dropped and counted when ``peek`` meets it, never shipped.
+
+Losses SQLite cannot see — garbage in the WAL makes it drop every later commit
+as if it had never happened, consistently — are found by the *ledger*: a 1 KiB
+side file rewritten in place (no allocation, so it works on a full disk)
+around every commit with the id range and the number of rows the spool holds
+(before and after the commit in flight, so a crash between the two writes is
+never mistaken for a loss) and every counter. On open, rows the ledger says
+were committed but that are not there are counted as ``dropped_corrupt_total``;
+rows a lost transaction had removed come back below the ledger's lowest id and
+are deleted again. Counts can come out short, never double: the transaction
+in flight at a crash cannot be told from one never committed (its ``put()``
+never returned), and a row acked out of order that comes back masks a lost one.
 
 **A full disk** (``SQLITE_FULL``, ``ENOSPC``) never raises out of ``put``:
 the points are dropped, counted in ``dropped_disk_full_total`` (kept in
 memory and in the ledger until a commit can persist it), logged once per
 episode, and sampling goes on. Deleting shipped rows must work on a full disk
 (a delete writes WAL frames): the spool keeps a ``RESERVE_BYTES`` reserve file
-next to it, released when an ``ack`` meets a full disk (the delete is then
-retried in small transactions, checkpointing between them so the WAL reuses
-its space), and made again once there is room.
+next to it, released when an ``ack`` (or opening, which writes the ``-shm``)
+meets a full disk; the delete is then retried in small transactions,
+checkpointing between them so the WAL reuses its space, and rows that still
+cannot be deleted stay (sent again: the store keeps one copy). The reserve is
+made again once there is room.
 """
 
 from __future__ import annotations
@@ -96,7 +107,7 @@ RESERVE_BYTES = 256 * 1024
 SPOOL_OVERHEAD_BYTES = 640 * 1024
 KEEP_DAMAGED = 3  # damaged spools kept for inspection (the oldest beyond go)
 SALVAGE_RANGE = 4096  # ids read per query while salvaging
-SALVAGE_TX_ROWS = 2000  # salvaged rows per transaction
+SALVAGE_TX_ROWS = 2000  # salvaged rows per statement (one transaction: the heal is atomic)
 ACK_CHUNK_ON_FULL_DISK = 64  # rows per delete on a full disk: a few WAL pages each
 RESERVE_RETRY_S = 60.0
 
