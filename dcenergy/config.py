@@ -35,6 +35,7 @@ OTHER_ENV = frozenset(
         "DCENERGY_INFLUX_DB",
         "DCENERGY_INFLUX_TOKEN",
         "DCENERGY_REQUIRE_INFLUXDB",
+        "DCENERGY_REQUIRE_PROMETHEUS",
     }
 )
 REDACTED = "***"
@@ -70,6 +71,19 @@ def _url_or_empty(v: Any) -> str | None:
     return "an http:// or https:// URL, or empty for the embedded store"
 
 
+def _listen_or_empty(v: Any) -> str | None:
+    """``host:port`` (``[v6]:port``) with a host, a port in [0, 65535]; empty: no listener."""
+    allowed = "host:port ([::1]:port for IPv6, port 0 = any free one), or empty for none"
+    if v == "":
+        return None
+    host, sep, port = str(v).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or "[" in host or "]" in host or not port.isdigit():
+        return allowed
+    return None if int(port) <= 65535 else allowed
+
+
 def _opt(default: Any, check: Check | None = None, *, secret: bool = False, help: str = "") -> Any:
     return field(default=default, metadata={"check": check, "secret": secret, "help": help})
 
@@ -101,9 +115,21 @@ class AgentConfig:
     simulate: int = _opt(0, _non_negative, help="N > 0 uses N simulated GPUs")
     interval_s: float = _opt(1.0, _positive, help="sampling period")
     ship_interval_s: float = _opt(5.0, _positive, help="shipping period")
-    spool_max_mb: float = _opt(256.0, _positive, help="spool size bound; oldest dropped first")
+    spool_max_mb: float = _opt(
+        256.0, _positive, help="spool bound on disk, WAL included (+640 KiB); oldest dropped first"
+    )
     retention_days: float = _opt(7.0, _positive, help="embedded store retention")
     job_report_max_age_s: float = _opt(120.0, _positive, help="ignore job reports older than")
+    metrics_listen: str = _opt(
+        "", _listen_or_empty, help="host:port to serve Prometheus /metrics on; empty: no port"
+    )
+    metrics_dcgm_compat: bool = _opt(
+        False, help="/metrics also serves dcgm-exporter's names, units and labels"
+    )
+    kubelet_socket: str = _opt(
+        "",
+        help="kubelet pod-resources socket (pods of the GPUs); empty: the default path if present",
+    )
 
 
 @dataclass(frozen=True)
