@@ -4,7 +4,14 @@ Schedulers put every job in its own cgroup, so the cgroup path names the job
 without asking the scheduler:
 
 * Slurm, cgroup v2: ``0::/system.slice/slurmstepd.scope/job_1234/step_0/user/task_0``
-* Slurm, cgroup v1: ``4:devices:/slurm/uid_1000/job_1234/step_0``
+  (``<node>_slurmstepd.scope`` when built with ``--enable-multiple-slurmd``);
+  from Slurm 26.05 the job folder is the job's SLUID (``s5K1KKYAYG5D00``, 14
+  Crockford base-32 characters after an ``s``) unless ``CgroupJobIdPaths=yes``:
+  the numeric id then comes from ``SLURM_JOB_ID`` in ``environ`` (the SLUID
+  itself where that is unreadable)
+* Slurm, cgroup v1: ``4:devices:/slurm/uid_1000/job_1234/step_0``, or
+  ``/slurm_<node>/uid_0/job_1234/step_0/task_0`` as Debian's build writes it
+  (multiple-slurmd enabled; seen on a real 22.05 in ``tests/slurm/``)
 * Kubernetes, systemd driver: ``.../kubepods-burstable-pod<uid, '_' for '-'>.slice/...``
 * Kubernetes, cgroupfs driver: ``/kubepods/burstable/pod<uid>/<container id>``
 * Docker: ``docker-<64 hex>.scope`` or ``/docker/<64 hex>``
@@ -44,6 +51,10 @@ _UID_DASHED = "-".join(_UID_GROUPS)
 _UID_UNDERSCORED = "_".join(_UID_GROUPS)  # the systemd driver escapes '-' in slice names
 
 _SLURM = re.compile(r"/[^/]*slurm[^/]*/(?:[^/]+/)*?job_(?P<id>\d+)(?:/|$)")
+# Slurm >= 26.05, cgroup v2: .../slurmstepd.scope/<SLUID>/step_0/...
+_SLURM_SLUID = re.compile(
+    r"/(?:[^/]+_)?slurmstepd\.scope/(?P<sluid>s[0-9A-HJKMNP-TV-Z]{13})/(?:step_|system)"
+)
 _K8S_SYSTEMD = re.compile(rf"kubepods(?:-[a-z]+)?-pod(?P<id>{_UID_UNDERSCORED})\.slice")
 _K8S_CGROUPFS = re.compile(rf"/kubepods(?:/[a-z]+)?/pod(?P<id>{_UID_DASHED})(?:/|$)")
 _CONTAINER = re.compile(
@@ -71,6 +82,9 @@ def parse_cgroup(text: str) -> JobRef | None:
         if m := _SLURM.search(path):
             return JobRef(m.group("id"), "slurm")
     for path in paths:
+        if m := _SLURM_SLUID.search(path):
+            return JobRef(m.group("sluid"), "slurm")
+    for path in paths:
         if m := _K8S_SYSTEMD.search(path):
             return JobRef(m.group("id").replace("_", "-"), "kubernetes")
         if m := _K8S_CGROUPFS.search(path):
@@ -87,6 +101,10 @@ def parse_container(text: str) -> JobRef | None:
             cid = m.group("scope") or m.group("dir")
             return JobRef(cid[:_SHORT_ID], "container")
     return None
+
+
+def _is_sluid(ref: JobRef) -> bool:
+    return ref.kind == "slurm" and ref.job_id.startswith("s")
 
 
 def parse_environ(data: bytes) -> JobRef | None:
@@ -110,9 +128,13 @@ class JobResolver:
         """The job ``pid`` belongs to; ``None`` if it has none, vanished, or is unreadable."""
         cgroup = self._read(pid, "cgroup")
         text = cgroup.decode("utf-8", "replace") if cgroup is not None else ""
-        if ref := parse_cgroup(text):
+        ref = parse_cgroup(text)
+        if ref is not None and not _is_sluid(ref):
             return ref
         environ = self._read(pid, "environ")
+        if ref is not None:  # a SLUID names the job; its numeric id is in the environment
+            env = parse_environ(environ) if environ is not None else None
+            return JobRef(env.job_id, "slurm") if env is not None else ref
         if environ is not None and (ref := parse_environ(environ)):
             return ref
         return parse_container(text)

@@ -24,6 +24,14 @@ def resolver() -> JobResolver:
         pytest.param(1001, JobRef("1234", "slurm"), id="slurm-v2"),
         pytest.param(1002, JobRef("5678", "slurm"), id="slurm-v1"),
         pytest.param(1011, JobRef("777", "slurm"), id="slurm-v2-multiple-slurmd"),
+        # captured from Debian 12's Slurm 22.05 (tests/slurm/): cgroup v1, task/cgroup
+        pytest.param(1013, JobRef("3", "slurm"), id="slurm-v1-debian-node-prefix-srun"),
+        pytest.param(1014, JobRef("1", "slurm"), id="slurm-v1-debian-node-prefix-batch"),
+        # layouts from Slurm's cgroup v2 documentation (doc/html/cgroup_v2.shtml)
+        pytest.param(1015, JobRef("42", "slurm"), id="slurm-v2-batch-step"),
+        pytest.param(1016, JobRef("43", "slurm"), id="slurm-v2-extern-task-special"),
+        pytest.param(1017, JobRef("3385", "slurm"), id="slurm-v2-sluid-numeric-from-environ"),
+        pytest.param(1018, JobRef("s5K1KKYAYG5D00", "slurm"), id="slurm-v2-sluid-no-environ"),
         pytest.param(
             1003,
             JobRef("0f4c4a4e-6b1d-4c49-9a43-0d5f6e7a8b9c", "kubernetes"),
