@@ -15,7 +15,9 @@ the evidence picks, scaled to what was observed. Every fit carries a slowdown
 margin that the capping model takes off the job's allowance, so floors hold
 on the true curve (see ``docs/problem-format.md``). Over a whole problem,
 jobs of a kind pool their shapes and noise (``fit_curves``): a fleet measures
-what a job seen at a few caps cannot.
+what a job seen at a few caps cannot. ``fit_job_curve`` and ``_pool`` define
+the fits job by job; ``fit_curves`` computes them for all jobs at once, as
+array operations over the jobs (see "fitting a whole problem at once").
 """
 
 from __future__ import annotations
@@ -1550,6 +1552,101 @@ def _mix_curve(x: list[float], v: list[float], lo: float, hi: float) -> Curve:
     return _concave_curve([a for a, _ in pts], [b for _, b in pts])
 
 
+def _mix_curves(
+    x: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray, px: np.ndarray, py: np.ndarray
+) -> tuple[list[Curve], list[float | None]]:
+    """``_mix_curve`` for every row of candidates ``(x, v)``, and the curve's
+    ``_rmse_rel`` at the row's points ``(px, py)``.
+
+    What ``_concave_curve`` does to the candidates on [lo, hi] in order, as
+    array operations: clamp them (``_simplify``), drop a point collinear with
+    its neighbours (the knot where a mix's linear continuation below its
+    lowest share meets the shapes), check the rest is concave. A row where
+    it would do more (merge points within 1e-9, or collinear points in a
+    row, or re-fit a bend) goes through ``_mix_curve``.
+    """
+    k = x.shape[1]
+    xs = np.where((x >= lo[:, None]) & (x <= hi[:, None]), x, np.inf)
+    order = np.argsort(xs, axis=1, kind="stable")
+    xs, vs = np.take_along_axis(xs, order, 1), np.take_along_axis(v, order, 1)
+    keep = np.isfinite(xs)
+    keep[:, :-1] &= ~(xs[:, 1:] == xs[:, :-1])  # equal x: one point (of equal values)
+    xs, vs, n = _left(keep, xs, vs)
+    valid = np.arange(k)[None, :] < n[:, None]
+    ys = np.maximum.accumulate(np.where(valid & (vs > 0.0), vs, 0.0), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = (ys[:, 1:] - ys[:, :-1]) / (xs[:, 1:] - xs[:, :-1])
+        across = (ys[:, 2:] - ys[:, :-2]) / (xs[:, 2:] - xs[:, :-2])
+        close = valid[:, 1:] & (xs[:, 1:] - xs[:, :-1] <= 1e-9)
+        # point j + 1 collinear with its neighbours; after it is dropped, _simplify
+        # tests the next point against the slope across the gap
+        drop = valid[:, 2:] & _collinear(slope[:, :-1], slope[:, 1:])
+        again = drop[:, :-1] & valid[:, 3:] & _collinear(across[:, :-1], slope[:, 2:])
+    other = (n == 0) | close.any(axis=1) | (drop[:, 1:] & drop[:, :-1]).any(axis=1)
+    other |= again.any(axis=1)
+    keep = valid.copy()
+    keep[:, 1:-1] &= ~drop
+    xs, ys, n = _left(keep, xs, ys)
+    valid = np.arange(k)[None, :] < n[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = (ys[:, 1:] - ys[:, :-1]) / (xs[:, 1:] - xs[:, :-1])
+        seg = valid[:, 1:]
+        scale = np.where(seg, np.abs(slope), 0.0).max(axis=1, initial=0.0)
+        scale = np.where(scale > 0.0, scale, 1.0)[:, None]  # Curve.is_concave's
+        falls = seg & (slope < -1e-6 * scale)
+        rises = valid[:, 2:] & ~(slope[:, 1:] <= slope[:, :-1] + 1e-6 * scale)
+    other |= falls.any(axis=1) | rises.any(axis=1)  # not concave: re-fitted
+    rmse = _rmse_rows(xs, ys, n, px, py)
+    curves: list[Curve] = []
+    rmses: list[float | None] = []
+    rows = zip(xs.tolist(), ys.tolist(), n.tolist(), rmse.tolist(), strict=True)
+    for r, (cx, cy, m, e) in enumerate(rows):
+        if other[r]:
+            curve = _mix_curve(x[r].tolist(), v[r].tolist(), float(lo[r]), float(hi[r]))
+            curves.append(curve)
+            pts = list(zip(px[r].tolist(), py[r].tolist(), strict=True))
+            rmses.append(_rmse_rel(curve, pts))
+        else:
+            curves.append(Curve(tuple(cx[:m]), tuple(cy[:m])))
+            rmses.append(None if math.isnan(e) else e)
+    return curves, rmses
+
+
+def _collinear(s_prev: np.ndarray, s_new: np.ndarray) -> np.ndarray:
+    """``_simplify``'s test that two slopes are one."""
+    return np.asarray(np.abs(s_prev - s_new) <= 1e-9 * np.maximum(1.0, np.abs(s_prev)))
+
+
+def _left(keep: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each row's entries where ``keep``, moved to its front in order; and how many."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    return (*(np.take_along_axis(a, order, 1) for a in arrays), keep.sum(axis=1))
+
+
+def _rmse_rows(
+    xs: np.ndarray, ys: np.ndarray, n: np.ndarray, px: np.ndarray, py: np.ndarray
+) -> np.ndarray:
+    """``_rmse_rel`` per row of the curve through its first ``n`` breakpoints
+    ``(xs, ys)``, read as ``Curve.value`` reads it; NaN where it is None."""
+    k = xs.shape[1]
+    valid = np.arange(k)[None, :] < n[:, None]
+    i = (valid[:, None, :] & (xs[:, None, :] <= px[:, :, None])).sum(axis=2) - 1
+    i = np.clip(i, 0, np.maximum(n - 2, 0)[:, None])
+    j = np.minimum(i + 1, k - 1)
+    x0, x1 = np.take_along_axis(xs, i, 1), np.take_along_axis(xs, j, 1)
+    y0, y1 = np.take_along_axis(ys, i, 1), np.take_along_axis(ys, j, 1)
+    last = np.maximum(n - 1, 0)[:, None]
+    x_end, y_end = np.take_along_axis(xs, last, 1), np.take_along_axis(ys, last, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        between = y0 + (px - x0) / (x1 - x0) * (y1 - y0)
+    value = np.where(px <= xs[:, :1], ys[:, :1], np.where(px >= x_end, y_end, between))
+    m = py.shape[1]
+    mean_y = py.sum(axis=1) / m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rmse = np.sqrt(((value - py) ** 2).sum(axis=1) / m) / mean_y
+    return np.where(mean_y > 0, rmse, np.nan)
+
+
 _PRIOR, _SHAPE, _REFERENCE = 0, 1, 2
 
 
@@ -1761,33 +1858,30 @@ def _pooled_curves(
     draw: np.ndarray,
     jitter: float,
     z: float,
-) -> list[tuple[Curve, float]]:
-    """``_pooled_fit``'s curve and margin for rows ``sel`` of a bucket, with shares ``w``."""
+) -> list[tuple[Curve, float | None, float]]:
+    """``_pooled_fit``'s curve, its RMSE and the margin for rows ``sel`` of a bucket,
+    with shares ``w``."""
     x, y, lo, hi = bf.points.x[sel], b.y[sel], b.lo[sel], b.hi[sel]
     u = x / draw[:, None]
-    mix = (1.0 - w)[:, None] * _relative_shape(PRIOR_COMPUTE_BOUND, u) + w[
-        :, None
-    ] * _relative_shape(PRIOR_MEMORY_BOUND, u)
+    fc_x, fm_x = _relative_shape(PRIOR_COMPUTE_BOUND, u), _relative_shape(PRIOR_MEMORY_BOUND, u)
+    mix = (1.0 - w)[:, None] * fc_x + w[:, None] * fm_x
     den = (mix * mix).sum(axis=1)
     level = np.divide((y * mix).sum(axis=1), den, out=np.ones(len(sel)), where=den > 0)
     cand, fc, fm = _mix_basis(draw, lo, hi)
     values = level[:, None] * ((1.0 - w)[:, None] * fc + w[:, None] * fm)
     se = b.draw_se(bf.points.unheld, jitter)[sel]
     margins = _share_margins(w, w_sd, draw, se, b.allowed[sel], z).tolist()
-    lo_l, hi_l = lo.tolist(), hi.tolist()
-    return [
-        (_mix_curve(cx, cv, lo_l[k], hi_l[k]), margins[k])
-        for k, (cx, cv) in enumerate(zip(cand.tolist(), values.tolist(), strict=True))
-    ]
+    curves, rmse = _mix_curves(cand, values, lo, hi, x, y)
+    return list(zip(curves, rmse, margins, strict=True))
 
 
 def _bucket_fits(
     b: _Bucket,
     bf: _BucketFits,
     fits: list[CurveFit | None],
-    pooled_curves: dict[int, tuple[Curve, float]],
+    pooled_curves: dict[int, tuple[Curve, float | None, float]],
     pooled: dict[int, tuple[float, float]],
-    summary: Sequence[tuple[str, float, tuple[float, float] | None]],
+    summary: Sequence[_Summary],
 ) -> None:
     """Every row's final ``CurveFit`` into ``fits``: pooled, the per-job code's, or the bucket's."""
     m = b.y.shape[1]
@@ -1795,53 +1889,52 @@ def _bucket_fits(
     distinct = bf.distinct.tolist()
     lo, hi = b.lo.tolist(), b.hi.tolist()
     todo = [i for i in range(len(b.rows)) if i not in pooled_curves and i not in bf.reference]
-    mix_x: list[list[float]] = []
-    mix_v: list[list[float]] = []
     shapes = [i for i in todo if bf.method[i] == _SHAPE]
+    mixes: dict[int, tuple[Curve, float | None]] = {}
     if shapes:
         s = np.array(shapes)
         cand, fc, fm = _mix_basis(bf.draw[s], b.lo[s], b.hi[s])
-        mix_x = cand.tolist()
-        mix_v = (bf.coef[s, :1] * fc + bf.coef[s, 1:] * fm).tolist()
-    at_shape = {i: k for k, i in enumerate(shapes)}
+        values = bf.coef[s, :1] * fc + bf.coef[s, 1:] * fm
+        fitted = _mix_curves(cand, values, b.lo[s], b.hi[s], bf.points.x[s], b.y[s])
+        mixes = dict(zip(shapes, zip(*fitted, strict=True), strict=True))
     for i, r in enumerate(b.rows):
         ref = bf.reference.get(i)
-        pts = list(zip(bf.points.x[i].tolist(), b.y[i].tolist(), strict=True))
+        if ref is not None and i not in pooled_curves:
+            fits[r] = ref
+            continue
         shape = "memory" if bf.memory[i] else "compute"
         if i in pooled_curves:
-            curve, margin = pooled_curves[i]
+            curve, rmse, margin = pooled_curves[i]
             w = pooled[r][0]
             fits[r] = CurveFit(
                 curve=curve,
                 method="shape" if summary[r][0] == "shape" else "fleet",
                 n_samples=ref.n_samples if ref is not None else m,
                 n_distinct_caps=ref.n_distinct_caps if ref is not None else distinct[i],
-                rmse_rel=_rmse_rel(curve, pts),
+                rmse_rel=rmse,
                 draw_w=summary[r][1],
                 shape="memory" if w >= 0.5 else "compute",
                 slowdown_margin=margin,
                 memory_share=pooled[r],
             )
             continue
-        if ref is not None:
-            fits[r] = ref
-            continue
         share: tuple[float, float] | None = None
-        if i in at_shape:
-            k = at_shape[i]
-            curve = _mix_curve(mix_x[k], mix_v[k], lo[i], hi[i])
+        if i in mixes:
+            curve, rmse = mixes[i]
             method = "shape"
             share = summary[r][2]
         else:
+            pts = list(zip(bf.points.x[i].tolist(), b.y[i].tolist(), strict=True))
             xs, ys = _prior_curve(PRIOR_SHAPES[shape], draw[i], lo[i], hi[i], pts)
             curve = _concave_curve(xs, ys)
+            rmse = _rmse_rel(curve, pts)
             method = "prior"
         fits[r] = CurveFit(
             curve=curve,
             method=method,
             n_samples=m,
             n_distinct_caps=distinct[i],
-            rmse_rel=_rmse_rel(curve, pts),
+            rmse_rel=rmse,
             draw_w=draw[i],
             shape=shape,
             slowdown_margin=float(bf.margin[i]),
@@ -1918,7 +2011,7 @@ def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
             fits[r] = _pooled_fit(*firsts[r], f, *pooled[r], jitter, z)
     for b, bf in zip(buckets, fitted, strict=True):
         sel = np.array([i for i, r in enumerate(b.rows) if r in pooled], dtype=int)
-        curves: dict[int, tuple[Curve, float]] = {}
+        curves: dict[int, tuple[Curve, float | None, float]] = {}
         if len(sel):
             w, w_sd = np.array([pooled[b.rows[i]] for i in sel]).T
             draw = np.array([summary[b.rows[i]][1] for i in sel])

@@ -142,6 +142,30 @@ def test_other_confidences_fit_as_job_by_job(confidence: float) -> None:
     _both_ways(p)
 
 
+def test_mix_curves_clean_up_as_the_per_job_code_does() -> None:
+    """Every way a mix's breakpoints meet the cap range: knots below, at and
+    above its ends, pure shapes (collinear knots in a row), zero and negative
+    levels, one point."""
+    rng = np.random.default_rng(5)
+    rows = 400
+    draw = rng.choice([250.0, 400.0, 600.0, 666.0, 700.0, 900.0], rows)
+    lo = rng.choice([150.0, 200.0, 0.3 * 666.0], rows)
+    hi = np.where(rng.random(rows) < 0.1, lo, rng.choice([650.0, 700.0, 1000.0], rows))
+    draw = np.minimum(np.maximum(draw, lo), hi)
+    w = rng.choice([0.0, 1.0, 0.3, 0.97], rows)
+    level = rng.choice([0.0, -5.0, 80.0, 120.0], rows, p=[0.05, 0.05, 0.45, 0.45])
+    x, fc, fm = curves._mix_basis(draw, lo, hi)
+    v = level[:, None] * ((1 - w)[:, None] * fc + w[:, None] * fm)
+    px = rng.uniform(100.0, 1100.0, (rows, 5))
+    py = rng.uniform(-10.0, 150.0, (rows, 5))
+    got, rmse = curves._mix_curves(x, v, lo, hi, px, py)
+    for r in range(rows):
+        want = curves._mix_curve(x[r].tolist(), v[r].tolist(), float(lo[r]), float(hi[r]))
+        assert got[r].x_w == want.x_w and got[r].y == pytest.approx(want.y, rel=REL, abs=ABS)
+        pts = list(zip(px[r].tolist(), py[r].tolist(), strict=True))
+        assert _close(rmse[r], curves._rmse_rel(want, pts)), r
+
+
 def test_the_batch_leaves_few_jobs_to_the_per_job_code(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a free concave fit, or samples that hardly tell the shapes apart,
     send a job to ``fit_job_curve``: the arrays fit the rest."""
