@@ -53,6 +53,7 @@ from dcenergy.logonce import LogOnce
 if TYPE_CHECKING:
     from agent.host import HostCollector
     from agent.jobs import JobResolver
+    from agent.metrics import MetricsServer
     from agent.reconciler import Reconciler
     from agent.shipper import Shipper
     from agent.spool import Spool
@@ -127,6 +128,8 @@ class AgentDaemon:
         self._once = LogOnce(log)
         self._started = False
         self._early_audit: list[Point] = []
+        self.last_points: tuple[Point, ...] = ()  # the last cycle's points (/metrics renders them)
+        self._metrics: MetricsServer | None = None
 
     # --- public API ----------------------------------------------------------------------
     def add_job(self, func: Callable[[], object], interval_s: float, name: str) -> None:
@@ -233,6 +236,7 @@ class AgentDaemon:
         n_gpus = len(self.backend.devices())
         self.notifier.ready(f"sampling {n_gpus} GPUs every {self.config.agent.interval_s:g} s")
         self._start_scheduler()
+        self._start_metrics()
         log.info(
             "agent started: host %s, %d GPUs (%s), every %g s, shipping to %r",
             self.host,
@@ -247,6 +251,9 @@ class AgentDaemon:
         if not self._started:
             return
         self._started = False
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)  # a running cycle completes; nothing new starts
             self._scheduler = None
@@ -307,7 +314,7 @@ class AgentDaemon:
     # --- opening and closing -------------------------------------------------------------
     def _open_parts(self) -> None:
         from agent.host import HostCollector
-        from agent.jobs import JobResolver
+        from agent.kube import job_resolver_from_config
         from agent.rapl import RaplReader
         from agent.shipper import Shipper
         from agent.spool import Spool
@@ -331,7 +338,9 @@ class AgentDaemon:
                 self._early_audit = []
             self._shipper = Shipper(self._spool, self._store, batch_lines=cfg.store.batch_lines)
             self._host_collector = HostCollector(rapl=RaplReader())
-            self._resolver = JobResolver(self._proc_root)
+            self._resolver = job_resolver_from_config(
+                cfg, self._proc_root, [d.identity for d in self._backend.devices()]
+            )
             self._tracker = ThroughputTracker(
                 jobs_dir(cfg.runtime_dir), max_age_s=cfg.agent.job_report_max_age_s
             )
@@ -349,7 +358,11 @@ class AgentDaemon:
 
     def _close_parts(self) -> None:
         """Close what this daemon opened, each failure counted, none stopping the rest."""
-        parts: list[tuple[str, Any]] = [("tracker", self._tracker), ("spool", self._spool)]
+        parts: list[tuple[str, Any]] = [
+            ("tracker", self._tracker),
+            ("spool", self._spool),
+            ("job resolver", self._resolver if hasattr(self._resolver, "close") else None),
+        ]
         if self._given_store is None:
             parts.append(("store", self._store))
         if self._given_backend is None:
@@ -436,6 +449,7 @@ class AgentDaemon:
             return
         try:
             points = sampler.sample()
+            self.last_points = tuple(points)
             committed = spool.put(points)
         except Exception as e:
             self._fail("sampling", e)
@@ -474,23 +488,51 @@ class AgentDaemon:
                 break  # backing off, or the store refused: try again next cycle
         return depth
 
-    def _put_self_stats(self) -> None:
-        if self.sampler is None or self._spool is None or self._shipper is None:
-            return
+    def self_stats_point(self) -> Point | None:
+        """The agent's counters now, as an ``agent`` point (``None`` before start)."""
+        sampler, spool, shipper = self.sampler, self._spool, self._shipper
+        if sampler is None or spool is None or shipper is None:
+            return None
         others: list[ErrorCounter] = [self.notifier]
         others += [p for p in (self._host_collector, self._resolver, self._tracker) if p]
+        return agent_point(
+            host=self.host,
+            time_ns=self._clock(),
+            sampler=sampler,
+            spool=spool.counters(),
+            shipper=shipper.counters,
+            other_errors=others,
+            daemon_errors_total=self.errors_total,
+            daemon_last_error=self.last_error,
+        )
+
+    @property
+    def job_resolver(self) -> JobResolver | None:
+        return self._resolver
+
+    def _start_metrics(self) -> None:
+        """Serve ``/metrics`` when ``agent.metrics_listen`` is set; a bind failure is counted."""
+        if not self.config.agent.metrics_listen:
+            return
+        from agent.metrics import start_metrics_server
+
         try:
-            p = agent_point(
-                host=self.host,
-                time_ns=self._clock(),
-                sampler=self.sampler,
-                spool=self._spool.counters(),
-                shipper=self._shipper.counters,
-                other_errors=others,
-                daemon_errors_total=self.errors_total,
-                daemon_last_error=self.last_error,
-            )
-            self._spool.put([p])
+            self._metrics = start_metrics_server(self)
+        except (OSError, ValueError) as e:
+            self._fail(f"serving /metrics on {self.config.agent.metrics_listen}", e)
+            return
+        log.info("serving Prometheus metrics on %s", self._metrics.url)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where ``/metrics`` is served (the bound port when configured as 0), if it is."""
+        return self._metrics.url if self._metrics is not None else None
+
+    def _put_self_stats(self) -> None:
+        try:
+            p = self.self_stats_point()
+            if p is not None and self._spool is not None:
+                self._spool.put([p])
         except Exception as e:
             self._fail("self-stats", e)
 
