@@ -30,7 +30,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 from scipy import sparse
@@ -38,7 +38,7 @@ from scipy.optimize import linprog, nnls
 from scipy.stats import f as f_dist
 from scipy.stats import norm
 
-from optimizer.problem import DEFAULT_SLOWDOWN_CONFIDENCE, Gpu, Job, Problem
+from optimizer.problem import DEFAULT_SLOWDOWN_CONFIDENCE, Gpu, Job, Problem, Sample
 
 _EPS: Final = 1e-9
 
@@ -1195,7 +1195,8 @@ _OFF_CONCAVE: Final = 1e-6
 # is left to the per-job code.
 _CLOSE_CAPS: Final = 2e-6
 # The two-shape model's columns must differ by more than this (1 - cos²): closer,
-# its weights rest on rounding and the per-job NNLS decides them.
+# its weights rest on rounding and the per-job model (``_shape_model``,
+# ``_memory_share``) computes them.
 _COLLINEAR: Final = 1e-6
 
 
@@ -1647,7 +1648,9 @@ def _rmse_rows(
     return np.where(mean_y > 0, rmse, np.nan)
 
 
-_PRIOR, _SHAPE, _REFERENCE = 0, 1, 2
+# A fit's method in the arrays: the prior, the two-shape model, left to
+# fit_job_curve (in a bucket), or a free concave fit (after it).
+_PRIOR, _SHAPE, _REFERENCE, _FREE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -1709,7 +1712,14 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
     draw = np.minimum(np.maximum(np.where(seen, free_draw, b.default), b.lo), b.hi)
     two = _ShapeFits.of(pts.x, y, draw)
     two_shape = prior & (distinct == 2) & (mean_y > 0) & (noise_dof > 0)
-    refer |= ~two.well_posed & (~prior | two_shape)
+    # samples that hardly tell the shapes apart (every cap near the draw): the
+    # weights and their SD rest on rounding, so the per-job model computes them
+    ill: dict[int, _ShapeFit] = {}
+    for i in np.flatnonzero(~two.well_posed & (~prior | two_shape) & ~refer).tolist():
+        row_pts = list(zip(pts.x[i].tolist(), y[i].tolist(), strict=True))
+        ill[i] = fit = _shape_model(row_pts, float(draw[i]), float(b.lo[i]), float(b.hi[i]))
+        two.coef[i], two.sd[i] = fit.coef, fit.sd
+        two.gram[i] = fit.gram[0, 0], fit.gram[0, 1], fit.gram[1, 1]
 
     # many caps: does the free concave fit pass through every sample? Where its
     # medians are the exact optimum, the per-job code answers; where they are
@@ -1718,7 +1728,7 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
     exact = g.medians_concave()
     off = g.off_concave(_OFF_CONCAVE * np.maximum(1.0, mean_y))
     refer |= ~prior & ~exact & ~off
-    for i in np.flatnonzero(~prior & ~refer & exact & ~off):
+    for i in np.flatnonzero(~prior & ~refer & exact & ~off).tolist():
         n = int(g.n[i])
         row_pts = list(zip(pts.x[i].tolist(), y[i].tolist(), strict=True))
         shape = PRIOR_SHAPES["memory" if memory[i] else "compute"]
@@ -1749,6 +1759,11 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
 
     sd = np.where(prior, noise_sd, np.where(use_dof > 0, use_sd, two.sd))
     w, w_sd, has_share = two.memory_share(np.maximum(sd, two.sd))
+    for i, fit in ill.items():
+        one = _memory_share(fit, max(float(sd[i]), fit.sd))
+        has_share[i] = one is not None
+        if one is not None:
+            w[i], w_sd[i] = one
     shape_margin = np.zeros(rows)
     take = (many_shape | two_shape) & ~refer
     if take.any():
@@ -1762,11 +1777,21 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
     return _BucketFits(method, draw, memory, margin, share, two.coef, distinct, pts, {})
 
 
-def _fit_key(job: Job, gpus: Sequence[Gpu]) -> tuple[object, ...]:
+class _FitKey(NamedTuple):
     """Jobs with equal keys have equal fits (fleets run many replicas of one job)."""
-    return (
+
+    samples: tuple[Sample, ...]
+    allowed: float  # the slowdown margin is taken where the floor binds
+    min_w: float
+    max_w: float
+    default_w: float
+    model: str
+
+
+def _fit_key(job: Job, gpus: Sequence[Gpu]) -> _FitKey:
+    return _FitKey(
         job.samples,
-        job.allowed_slowdown,  # the slowdown margin is taken where the floor binds
+        job.allowed_slowdown,
         min(g.min_w for g in gpus),
         max(g.max_w for g in gpus),
         max(g.default_w for g in gpus),
@@ -1797,50 +1822,71 @@ def _buckets_jitter(buckets: Sequence[_Bucket], mult: Sequence[int]) -> float:
     return math.sqrt(ss / dof) if dof else 0.0
 
 
-_Summary = tuple[str, float, tuple[float, float] | None]  # method, draw, memory share
+@dataclass(frozen=True)
+class _Pooling:
+    """What fleet pooling reads of every distinct fit, and what it chooses (``_pool``)."""
+
+    method: np.ndarray  # _PRIOR, _SHAPE or _FREE (a free concave fit: pooling leaves it)
+    draw: np.ndarray
+    share: np.ndarray  # (fits, 2) the memory-bound share and its SD; NaN where none
+    pooled: np.ndarray  # (fits, 2) the share and SD the fit is redone with; NaN where not
+
+    @staticmethod
+    def of(
+        buckets: Sequence[_Bucket],
+        fitted: Sequence[_BucketFits],
+        fits: Sequence[CurveFit | None],
+        keys: Sequence[_FitKey],
+        pool: bool,
+    ) -> _Pooling:
+        """``fits`` holds the fits of jobs without samples, the buckets the others."""
+        n = len(keys)
+        method = np.full(n, _FREE)
+        draw = np.zeros(n)
+        share = np.full((n, 2), np.nan)
+
+        def put(r: int, f: CurveFit) -> None:
+            method[r] = {"prior": _PRIOR, "shape": _SHAPE}.get(f.method, _FREE)
+            draw[r] = f.draw_w
+            if f.memory_share is not None:
+                share[r] = f.memory_share
+
+        for r, f in enumerate(fits):
+            if f is not None:
+                put(r, f)
+        for b, bf in zip(buckets, fitted, strict=True):
+            method[b.rows], draw[b.rows], share[b.rows] = bf.method, bf.draw, bf.share
+            for i, f in bf.reference.items():
+                put(b.rows[i], f)
+        pooled = np.full((n, 2), np.nan)
+        if pool:
+            _pool_shares(method, draw, share, keys, pooled)
+        return _Pooling(method, draw, share, pooled)
 
 
-def _summaries(
-    buckets: Sequence[_Bucket], fitted: Sequence[_BucketFits], fits: Sequence[CurveFit | None]
-) -> list[_Summary]:
-    """Per distinct fit, what pooling reads of it; ``fits`` holds the fits of
-    jobs without samples."""
-    out: list[_Summary] = [
-        (f.method, f.draw_w, f.memory_share) if f is not None else ("", 0.0, None) for f in fits
-    ]
-    for b, bf in zip(buckets, fitted, strict=True):
-        shares = bf.share.tolist()
-        for i, r in enumerate(b.rows):
-            ref = bf.reference.get(i)
-            if ref is not None:
-                out[r] = (ref.method, ref.draw_w, ref.memory_share)
-            else:
-                w, sd = shares[i]
-                method = "shape" if bf.method[i] == _SHAPE else "prior"
-                out[r] = (method, float(bf.draw[i]), None if math.isnan(w) else (w, sd))
-    return out
-
-
-def _pooled_shares(
-    summary: Sequence[_Summary], firsts: Sequence[tuple[Job, list[Gpu]]]
-) -> dict[int, tuple[float, float]]:
-    """``_pool``'s choice: the memory-bound share (and SD) of every fit it redoes."""
-    group = [_fleet_group_of(firsts[r][1], draw) for r, (_, draw, _) in enumerate(summary)]
-    by_group: dict[tuple[str, bool], list[tuple[float, float]]] = {}
-    for r, (method, _, share) in enumerate(summary):
-        if method == "shape" and share is not None:
-            by_group.setdefault(group[r], []).append(share)
-    shares = {k: fleet_share(v) for k, v in by_group.items()}
-    pooled: dict[int, tuple[float, float]] = {}
-    for r, (method, _, share) in enumerate(summary):
-        fs = shares.get(group[r])
+def _pool_shares(
+    method: np.ndarray,
+    draw: np.ndarray,
+    share: np.ndarray,
+    keys: Sequence[_FitKey],
+    pooled: np.ndarray,
+) -> None:
+    """``_pool``'s choice into ``pooled``: per group (``_fleet_group``) with enough
+    two-shape fits, a two-shape fit's posterior share, a prior's the predictive."""
+    models: dict[str, int] = {}
+    model = np.array([models.setdefault(k.model, len(models)) for k in keys], dtype=int)
+    default = np.array([k.default_w for k in keys])
+    group = 2 * model + (draw <= MEMORY_BOUND_DRAW_SHARE * default)
+    two_shape = (method == _SHAPE) & ~np.isnan(share[:, 0])
+    for g in np.unique(group[two_shape]).tolist():
+        members = group == g
+        own = np.flatnonzero(members & two_shape)
+        fs = fleet_share([(w, sd) for w, sd in share[own].tolist()])
         if fs is None:
             continue
-        if method == "shape" and share is not None:
-            pooled[r] = fs.posterior(*share)
-        elif method == "prior":
-            pooled[r] = (fs.mean, fs.predictive_sd)
-    return pooled
+        for r, (w, sd) in zip(own.tolist(), share[own].tolist(), strict=True):
+            pooled[r] = fs.posterior(w, sd)
+        pooled[members & (method == _PRIOR)] = (fs.mean, fs.predictive_sd)
 
 
 def _fleet_group_of(gpus: Sequence[Gpu], draw_w: float) -> tuple[str, bool]:
@@ -1880,8 +1926,7 @@ def _bucket_fits(
     bf: _BucketFits,
     fits: list[CurveFit | None],
     pooled_curves: dict[int, tuple[Curve, float | None, float]],
-    pooled: dict[int, tuple[float, float]],
-    summary: Sequence[_Summary],
+    pooling: _Pooling,
 ) -> None:
     """Every row's final ``CurveFit`` into ``fits``: pooled, the per-job code's, or the bucket's."""
     m = b.y.shape[1]
@@ -1905,24 +1950,25 @@ def _bucket_fits(
         shape = "memory" if bf.memory[i] else "compute"
         if i in pooled_curves:
             curve, rmse, margin = pooled_curves[i]
-            w = pooled[r][0]
+            w, w_sd = pooling.pooled[r].tolist()
             fits[r] = CurveFit(
                 curve=curve,
-                method="shape" if summary[r][0] == "shape" else "fleet",
+                method="shape" if pooling.method[r] == _SHAPE else "fleet",
                 n_samples=ref.n_samples if ref is not None else m,
                 n_distinct_caps=ref.n_distinct_caps if ref is not None else distinct[i],
                 rmse_rel=rmse,
-                draw_w=summary[r][1],
+                draw_w=float(pooling.draw[r]),
                 shape="memory" if w >= 0.5 else "compute",
                 slowdown_margin=margin,
-                memory_share=pooled[r],
+                memory_share=(w, w_sd),
             )
             continue
         share: tuple[float, float] | None = None
         if i in mixes:
             curve, rmse = mixes[i]
             method = "shape"
-            share = summary[r][2]
+            w, w_sd = bf.share[i].tolist()
+            share = None if math.isnan(w) else (w, w_sd)
         else:
             pts = list(zip(bf.points.x[i].tolist(), b.y[i].tolist(), strict=True))
             xs, ys = _prior_curve(PRIOR_SHAPES[shape], draw[i], lo[i], hi[i], pts)
@@ -1951,7 +1997,7 @@ def _fit_curves_reference(problem: Problem, pool: bool = True) -> dict[str, Curv
     z = float(norm.ppf(problem.objective.slowdown_confidence))
     noise = _fleet_noise(problem.jobs) if pool else None
     out: dict[str, CurveFit] = {}
-    cache: dict[tuple[object, ...], CurveFit] = {}
+    cache: dict[_FitKey, CurveFit] = {}
     for job in problem.jobs:
         gs = [problem.gpu(g) for g in job.gpus]
         key = _fit_key(job, gs)
@@ -1974,7 +2020,7 @@ def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
     (see "fitting a whole problem at once" above).
     """
     z = float(norm.ppf(problem.objective.slowdown_confidence))
-    index: dict[tuple[object, ...], int] = {}
+    index: dict[_FitKey, int] = {}
     firsts: list[tuple[Job, list[Gpu]]] = []
     mult: list[int] = []
     row_of: list[int] = []
@@ -2002,22 +2048,23 @@ def fit_curves(problem: Problem, pool: bool = True) -> dict[str, CurveFit]:
     for b, bf in zip(buckets, fitted, strict=True):
         for i in np.flatnonzero(bf.method == _REFERENCE).tolist():
             bf.reference[i] = fit_job_curve(b.jobs[i], b.gpus[i], z, noise)
-    summary = _summaries(buckets, fitted, fits)
-    pooled = _pooled_shares(summary, firsts) if pool else {}
-    jitter = _buckets_jitter(buckets, mult) if pooled else 0.0
+    pooling = _Pooling.of(buckets, fitted, fits, list(index), pool)
+    redone = ~np.isnan(pooling.pooled[:, 0])
+    jitter = _buckets_jitter(buckets, mult) if redone.any() else 0.0
     for r in by_m.get(0, []):
         f = fits[r]
-        if f is not None and r in pooled:
-            fits[r] = _pooled_fit(*firsts[r], f, *pooled[r], jitter, z)
+        if f is not None and redone[r]:
+            w, w_sd = pooling.pooled[r].tolist()
+            fits[r] = _pooled_fit(*firsts[r], f, w, w_sd, jitter, z)
     for b, bf in zip(buckets, fitted, strict=True):
-        sel = np.array([i for i, r in enumerate(b.rows) if r in pooled], dtype=int)
+        rows = np.array(b.rows)
+        sel = np.flatnonzero(redone[rows])
         curves: dict[int, tuple[Curve, float | None, float]] = {}
         if len(sel):
-            w, w_sd = np.array([pooled[b.rows[i]] for i in sel]).T
-            draw = np.array([summary[b.rows[i]][1] for i in sel])
-            pooled_rows = _pooled_curves(b, bf, sel, w, w_sd, draw, jitter, z)
+            w, w_sd = pooling.pooled[rows[sel]].T
+            pooled_rows = _pooled_curves(b, bf, sel, w, w_sd, pooling.draw[rows[sel]], jitter, z)
             curves = dict(zip(sel.tolist(), pooled_rows, strict=True))
-        _bucket_fits(b, bf, fits, curves, pooled, summary)
+        _bucket_fits(b, bf, fits, curves, pooling)
     out: dict[str, CurveFit] = {}
     for job, r in zip(problem.jobs, row_of, strict=True):
         f = fits[r]

@@ -76,10 +76,11 @@ def _gpu(i: int, model: str = "NVIDIA H100", lo: float = 200.0, hi: float = 700.
     return Gpu(f"g{i}", f"h{i // 8}", model, lo, hi, hi, 70.0, ())
 
 
-def _mixed_fleet(seed: int, n: int = 90) -> Problem:
+def _mixed_fleet(seed: int, n: int = 96) -> Problem:
     """Jobs inside the two-shape model (``tests/optimizer/mixes.py``), read every
     way the fit tells apart: at 3-6 random caps, at four caps with no replicate,
-    at two caps three times each, once uncapped, held at caps above their draw,
+    at two caps three times each (far apart, or both at the top, where the
+    shapes hardly differ), once uncapped, held at caps above their draw,
     without power readings, with readings only, at two caps within rounding of
     each other, and not at all; on three GPU models, some on two GPUs of
     different ranges, and some replicas of others."""
@@ -90,7 +91,7 @@ def _mixed_fleet(seed: int, n: int = 90) -> Problem:
     for i in range(n):
         w, draw = float(rng.uniform(0, 1)), float(rng.uniform(300, 690))
         truth = mixed_truth(w, draw)
-        case = i % 10
+        case = i % 12
         caps: tuple[float, ...]
         if case == 0:
             caps = tuple(rng.choice(np.arange(250.0, 701.0, 50.0), int(rng.integers(3, 7)), False))
@@ -102,6 +103,10 @@ def _mixed_fleet(seed: int, n: int = 90) -> Problem:
             caps = (700.0,)
         elif case == 4:
             caps = (700.0, round(1.03 * draw), round(0.8 * draw), round(0.6 * draw))
+        elif case == 10:
+            caps = (700.0,) * 3 + (round(0.99 * draw),) * 3
+        elif case == 11:
+            caps = (700.0,) * 3 + (min(699.0, round(1.02 * draw)),) * 3
         else:
             caps = (350.0, 450.0, 550.0, 700.0)
         samples = noisy_samples(truth, draw, caps, rng, float(rng.choice([0.005, 0.03])))
