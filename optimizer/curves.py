@@ -1158,13 +1158,18 @@ def _pool(
 # with the same number of them as one array each (a ``_Bucket``, one row per
 # job), and every statistic of the per-job code (the points, the shape the
 # evidence picks, the noise, the two-shape model, its F test, the margins, the
-# fleet's noise and jitter, fleet pooling) as array operations over the rows.
-# Python loops over the rows only to assemble breakpoints. A row whose curve a
-# free concave fit decides (an L1 LP, ``"exact"`` / ``"lp-l1"``), whose samples
-# hardly tell the two shapes apart, or that the arrays could read differently
-# from the per-job code (two caps within rounding of each other, a sample with
-# neither cap nor reading) is fitted by ``fit_job_curve`` itself: the arrays
-# leave out nothing the per-job code decides, they leave those jobs to it.
+# fleet's noise and jitter, fleet pooling, the curves' clean-up) as array
+# operations over the rows, whose shapes are tables at the caps as shares of
+# the draw. Python loops over the rows only to build the ``Curve`` objects.
+# A row whose curve a free concave fit decides (``"exact"`` / ``"lp-l1"``: its
+# L1 LP can have many optima, and HiGHS's choice among them is the
+# definition), or that the arrays could read differently from the per-job
+# code (two caps within rounding of each other, a sample with neither cap nor
+# reading, no power reading at all), is fitted by ``fit_job_curve`` itself:
+# the arrays take every decision of the per-job code as it does (to rounding:
+# the same tests on numbers summed in another order), or leave the job to it.
+# A model of the curves other than the two shapes (a new ``_ShapeFits``,
+# ``_mix_basis`` and margin table) batches the same way.
 
 # Knot shares of the two shapes together: a mix's breakpoints are these times its draw.
 _MIX_SHARES: Final = np.array(sorted({p for s in PRIOR_SHAPES.values() for p, _ in s}))
