@@ -77,6 +77,7 @@ RESTORED = "restored"
 ERROR = "error"
 THERMAL = "thermal"
 DRIFT = "drift"
+REVERTED = "reverted"  # a revert part (dcenergy revert) put the GPU back at its saved limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,7 @@ class Reconciler:
         self._lock = threading.RLock()  # the scheduler thread vs the shutdown path
         self.audit_errors_total = 0
         self.polls_skipped_total = 0
+        self._last_poll_ns: int | None = None
 
     # --- public API -------------------------------------------------------------------------
     @property
@@ -178,8 +180,22 @@ class Reconciler:
         """One fetch → verify → clamp → apply → read back cycle; returns every record."""
         with self._lock:
             records: list[AuditRecord] = []
-            part = None if self._poll_can_wait(now_ns) else self._fetch_and_verify(now_ns, records)
+            if self._poll_can_wait(now_ns):
+                part = self._poll_for_news(now_ns, records)
+            else:
+                part = self._fetch_and_verify(now_ns, records)
             if part is not None:
+                if part.revert and (self._lease is None or self._lease.seq != part.seq):
+                    records.append(
+                        AuditRecord(
+                            REVERTED,
+                            ALL_GPUS,
+                            "revert",
+                            part.plan_id,
+                            part.seq,
+                            time_ns=now_ns,
+                        )
+                    )
                 self._lease = part
             elif self._lease is not None and self._lease.expires_ns <= now_ns:
                 log.warning(
@@ -233,15 +249,47 @@ class Reconciler:
             return True
         return False
 
-    def _fetch_and_verify(self, now_ns: int, records: list[AuditRecord]) -> PlanPart | None:
-        """This host's newest part if acceptable (new, or the one already in force)."""
+    def _poll_for_news(self, now_ns: int, records: list[AuditRecord]) -> PlanPart | None:
+        """While a poll can wait: only ask whether a part arrived since the last poll.
+
+        An emergency revert (``dcenergy revert``) must not wait for the next plan's
+        due time, so even with ``poll_when_due`` every tick asks the store for a
+        part written since the previous poll (less the allowed clock skew and one
+        interval, for a publisher whose clock runs behind ours). Normally the
+        answer is empty: no payload, no signature check. A new part goes through
+        the whole verification; the part in force needs nothing.
+        """
+        cfg = self.config
+        since = (self._last_poll_ns if self._last_poll_ns is not None else now_ns) - int(
+            (cfg.interval_s + cfg.max_clock_skew_s) * 1e9
+        )
+        self._last_poll_ns = now_ns
         try:
-            payload = fetch_latest_part(self._store, self.host, now_ns, self._lookback_s)
+            payload = fetch_latest_part(self._store, self.host, now_ns, (now_ns - since) / 1e9)
         except StoreError as e:
             records.append(AuditRecord(ERROR, ALL_GPUS, f"store: {e}", time_ns=now_ns))
             return None
+        acc = self._accepted
+        if payload is None or (acc is not None and payload_digest(payload) == acc.digest):
+            return None  # nothing new: the lease in force goes on
+        return self._fetch_and_verify(now_ns, records, payload=payload)
+
+    def _fetch_and_verify(
+        self, now_ns: int, records: list[AuditRecord], *, payload: str | None = None
+    ) -> PlanPart | None:
+        """This host's newest part if acceptable (new, or the one already in force).
+
+        ``payload``: one already fetched (by ``_poll_for_news``).
+        """
         if payload is None:
-            return None
+            self._last_poll_ns = now_ns
+            try:
+                payload = fetch_latest_part(self._store, self.host, now_ns, self._lookback_s)
+            except StoreError as e:
+                records.append(AuditRecord(ERROR, ALL_GPUS, f"store: {e}", time_ns=now_ns))
+                return None
+            if payload is None:
+                return None
         digest = payload_digest(payload)
         acc = self._accepted
         same = acc is not None and acc.digest == digest
@@ -315,6 +363,17 @@ class Reconciler:
                 records.extend(
                     self._apply_power(
                         dev, sp, lease, limits=limits, current=current, cap=cap, now_ns=now_ns
+                    )
+                )
+            elif uuid in self._saved and lease is not None and lease.revert:
+                records.extend(
+                    self._restore_gpu(
+                        dev,
+                        "revert",
+                        now_ns,
+                        cap=cap,
+                        action=REVERTED,
+                        ctx=(lease.plan_id, lease.seq),
                     )
                 )
             elif uuid in self._saved:
@@ -529,9 +588,20 @@ class Reconciler:
         return min(max(w, limits.min_w), limits.max_w)
 
     def _restore_gpu(
-        self, dev: GpuDevice, reason: str, now_ns: int, *, cap: float | None = None
+        self,
+        dev: GpuDevice,
+        reason: str,
+        now_ns: int,
+        *,
+        cap: float | None = None,
+        action: str = RESTORED,
+        ctx: Ctx = ("", None),
     ) -> list[AuditRecord]:
-        """Put one GPU back; its saved entry goes once nothing of ours (thermal aside) is left."""
+        """Put one GPU back; its saved entry goes once nothing of ours (thermal aside) is left.
+
+        ``action`` names the record (``restored``, or ``reverted`` under a revert part,
+        whose plan id and seq ``ctx`` carries); the thermal guard's cap makes it ``thermal``.
+        """
         uuid = dev.identity.uuid
         saved = self._saved[uuid]
         limits = dev.power_limits()
@@ -547,12 +617,15 @@ class Reconciler:
             self._locked_mhz.pop(uuid, None)
             reason += ",clocks_reset"
         enforced = dev.enforced_power_limit_w()
-        action = RESTORED if cap is None else THERMAL
+        if cap is not None:
+            action = THERMAL
         records.append(
             AuditRecord(
                 action,
                 uuid,
                 reason,
+                ctx[0],
+                ctx[1],
                 requested_w=saved.power_limit_w,
                 applied_w=target,
                 enforced_w=enforced,

@@ -16,7 +16,10 @@ infinities cannot be encoded. The part's body is::
      "plan_id":"…","seq":…,"setpoints":[{"gpu":"GPU-…","power_limit_w":250.000,
      "sm_clock_max_mhz":null},…],"v":1}
 
-with setpoints sorted by GPU UUID. The stored payload is the envelope
+with setpoints sorted by GPU UUID. Two optional keys appear only when set, so
+parts without them keep their bytes: ``"next_plan_ns"`` (when the next plan
+is due) and ``"revert":true`` (the emergency stop: no setpoints, every GPU
+back at its saved limit until ``expires_ns``). The stored payload is the envelope
 ``{"part":<body>,"sig":"<base64 signature>"}``. A verifier parses the envelope,
 re-encodes ``part`` canonically, checks the signature over those bytes and then
 decodes the part *from the bytes it verified*, so what an agent acts on is
@@ -106,6 +109,9 @@ class PlanPart:
     # When the optimizer means to publish the next plan: an agent configured to
     # poll when due (reconciler.poll_when_due) skips fetches until then. Signed.
     next_plan_ns: int | None = None
+    # The emergency stop (``dcenergy revert``): no setpoints; until ``expires_ns``
+    # the agent keeps every GPU at its saved pre-agent limit. Signed.
+    revert: bool = False
 
     def setpoint(self, gpu_uuid: str) -> Setpoint | None:
         return next((s for s in self.setpoints if s.gpu_uuid == gpu_uuid), None)
@@ -189,6 +195,7 @@ def part_to_dict(part: PlanPart) -> dict[str, Any]:
         ],
         # only when set, so parts without it keep their canonical bytes
         **({} if part.next_plan_ns is None else {"next_plan_ns": part.next_plan_ns}),
+        **({"revert": True} if part.revert else {}),
     }
 
 
@@ -405,6 +412,8 @@ def _check_values(part: PlanPart, exc: type[Exception]) -> None:
         raise exc(f"mode {part.mode!r} is not one of {MODES}")
     if part.expires_ns <= part.created_ns:
         raise exc(f"expires_ns {part.expires_ns} is not after created_ns {part.created_ns}")
+    if part.revert and part.setpoints:
+        raise exc(f"a revert part carries no setpoints ({len(part.setpoints)} given)")
     seen: set[str] = set()
     for s in part.setpoints:
         if s.gpu_uuid in seen:
@@ -462,6 +471,9 @@ def _decode_part(body: dict[str, Any]) -> PlanPart:
         isinstance(next_plan_ns, bool) or not isinstance(next_plan_ns, int)
     ):
         raise _malformed("next_plan_ns is not an integer")
+    revert = body.get("revert", False)
+    if not isinstance(revert, bool):
+        raise _malformed("revert is not a boolean")
     part = PlanPart(
         host=_get(body, "host", str),
         plan_id=_get(body, "plan_id", str),
@@ -472,6 +484,7 @@ def _decode_part(body: dict[str, Any]) -> PlanPart:
         setpoints=tuple(setpoints),
         mode=mode,
         next_plan_ns=next_plan_ns,
+        revert=revert,
     )
     try:
         _check_values(part, ValueError)

@@ -9,12 +9,13 @@ their own host's newest part (``fetch_latest_part``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dcenergy import schema
-from dcenergy.errors import InputError
-from dcenergy.lineprotocol import name_problem, string_field_problem
+from dcenergy.errors import ConfigError, InputError
+from dcenergy.lineprotocol import MAX_TIME_NS, name_problem, string_field_problem
 from dcenergy.plan import MODES, Mode, PlanPart, Setpoint, SignedPart, sign_part
 
 if TYPE_CHECKING:
@@ -124,12 +125,19 @@ def split_plan(
 
 
 def part_point(signed: SignedPart, time_ns: int) -> schema.Point:
-    """The ``plan_part`` point carrying one signed part."""
+    """The ``plan_part`` point carrying one signed part (``revert`` always written, so that
+    ``last("revert")`` per host is the newest part's)."""
     p = signed.part
     return schema.point(
         schema.PLAN_PART,
         {schema.TAG_HOST: p.host},
-        {"plan_id": p.plan_id, "seq": p.seq, "payload": signed.payload, "expires_ns": p.expires_ns},
+        {
+            "plan_id": p.plan_id,
+            "seq": p.seq,
+            "payload": signed.payload,
+            "expires_ns": p.expires_ns,
+            "revert": p.revert,
+        },
         time_ns,
     )
 
@@ -194,3 +202,115 @@ def fetch_latest_part(
         return None
     payload = p.fields.get("payload")
     return payload if isinstance(payload, str) else None
+
+
+# --- what the store says each host was last sent -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartSummary:
+    """A host's newest ``plan_part`` as the store's plain fields tell it (unverified: for
+    people, ``dcenergy status`` and the optimizer's own bookkeeping, never for agents)."""
+
+    host: str
+    plan_id: str
+    seq: int
+    expires_ns: int
+    revert: bool
+
+    def lease_left_s(self, now_ns: int) -> float:
+        return (self.expires_ns - now_ns) / 1e9
+
+
+def newest_parts(
+    store: Store, now_ns: int, lookback_s: float = DEFAULT_LOOKBACK_S
+) -> dict[str, PartSummary]:
+    """Every host's newest part within ``lookback_s``: one aggregate read (``last`` by host)."""
+    from dcenergy.store.base import Agg, AggregateQuery, Fn
+
+    q = AggregateQuery(
+        schema.PLAN_PART.name,
+        (
+            Agg(Fn.LAST, "plan_id"),
+            Agg(Fn.LAST, "seq"),
+            Agg(Fn.LAST, "expires_ns"),
+            Agg(Fn.LAST, "revert"),
+        ),
+        now_ns - int(lookback_s * 1e9),
+        MAX_TIME_NS,  # future-dated parts are seen, as the agents see them
+        by=(schema.TAG_HOST,),
+    )
+    out: dict[str, PartSummary] = {}
+    for r in store.aggregate(q):
+        host = r.tags.get(schema.TAG_HOST, "")
+        seq, expires = r.values.get("last_seq"), r.values.get("last_expires_ns")
+        if not host or not isinstance(seq, int) or not isinstance(expires, int):
+            continue
+        plan_id = r.values.get("last_plan_id")
+        out[host] = PartSummary(
+            host,
+            plan_id if isinstance(plan_id, str) else "",
+            seq,
+            expires,
+            r.values.get("last_revert") is True,
+        )
+    return out
+
+
+MAX_REVERT_S = DEFAULT_LOOKBACK_S  # agents and the optimizer look back this far, no further
+REVERT_PLAN_PREFIX = "revert-"
+
+
+def revert_parts(
+    hosts: Sequence[str],
+    now_ns: int,
+    duration_s: float,
+    *,
+    last_seqs: Mapping[str, int] | None = None,
+) -> list[PlanPart]:
+    """One unsigned revert part per host: no setpoints, a lease of ``duration_s``.
+
+    ``seq`` is ``max(now_ns, the host's last seq + 1)`` (``last_seqs``, from
+    :func:`newest_parts`), so a revert is never refused as a replay of a part
+    published by a clock running ahead of ours; the point is stamped with it too.
+    """
+    if not 1.0 <= duration_s <= MAX_REVERT_S:
+        raise ConfigError(
+            "--for", f"{duration_s:g} s", f"a duration from 1 s to {MAX_REVERT_S:g} s"
+        )
+    last = last_seqs or {}
+    plan_id = REVERT_PLAN_PREFIX + str(now_ns)
+    parts = []
+    for host in sorted(set(hosts)):
+        if (bad := name_problem(host, "host name")) is not None:
+            raise ConfigError("--host", host, bad)
+        seq = max(now_ns, last.get(host, 0) + 1)
+        parts.append(
+            PlanPart(
+                host=host,
+                plan_id=plan_id,
+                seq=seq,
+                created_ns=now_ns,
+                expires_ns=now_ns + int(duration_s * 1e9),
+                key_id="",
+                setpoints=(),
+                revert=True,
+            )
+        )
+    return parts
+
+
+def publish_revert(
+    store: Store,
+    hosts: Sequence[str],
+    private_key: Ed25519PrivateKey,
+    now_ns: int,
+    duration_s: float,
+) -> list[SignedPart]:
+    """Sign and write a revert part for each of ``hosts`` (one batch), each stamped its seq."""
+    last = {h: s.seq for h, s in newest_parts(store, now_ns).items()}
+    signed = [
+        sign_part(p, private_key) for p in revert_parts(hosts, now_ns, duration_s, last_seqs=last)
+    ]
+    store.write([part_point(s, s.part.seq) for s in signed])
+    return signed

@@ -178,8 +178,22 @@ PLAN_PART = Measurement(
         _f("seq", int, "", "strictly increasing sequence number"),
         _f("payload", str, "json", "the signed part, canonical JSON with its signature"),
         _f("expires_ns", int, "ns", "expiry time of the part"),
+        _f("revert", bool, "bool", "an emergency revert (dcenergy revert): no setpoints"),
     ),
     "each host's signed part of a plan, written by the optimizer",
+)
+
+# What the reconciler writes as the ``action`` tag of an ``audit`` point (dashboards and
+# alerts import these; tests check agent.reconciler uses exactly these).
+AUDIT_ACTIONS: Final = (
+    "applied",
+    "clamped",
+    "refused",
+    "restored",
+    "reverted",
+    "error",
+    "thermal",
+    "drift",
 )
 
 AUDIT = Measurement(
@@ -194,7 +208,7 @@ AUDIT = Measurement(
         _f("enforced_w", float, "W", "power limit read back from the GPU"),
         _f("sm_clock_max_mhz", float, "MHz", "locked SM clock maximum (DVFS), when used"),
     ),
-    "what each agent did with a plan: applied, clamped, refused, restored, error, thermal",
+    "what each agent did with a plan: one of AUDIT_ACTIONS",
 )
 
 PLAN = Measurement(
@@ -229,8 +243,22 @@ PLAN_DOMAIN = Measurement(
     "per-domain figures of each plan",
 )
 
+BUDGET_OVERRIDE = Measurement(
+    "budget_override",
+    (TAG_DOMAIN,),
+    (
+        _f("watts", float, "W", "the domain's budget until expires_ns (0 when cleared)"),
+        _f("expires_ns", int, "ns", "when the override ends"),
+        _f("allow_raise", bool, "bool", "may exceed the topology's own budget"),
+        _f("cleared", bool, "bool", "ends an earlier override (dcenergy budget clear)"),
+        _f("payload", str, "json", "the signed override, canonical JSON with its signature"),
+    ),
+    "signed, expiring budget overrides (demand response: dcenergy budget set)",
+)
+
 MEASUREMENTS: Final[dict[str, Measurement]] = {
-    m.name: m for m in (GPU, HOST, JOB, AGENT, PLAN_PART, AUDIT, PLAN, PLAN_DOMAIN)
+    m.name: m
+    for m in (GPU, HOST, JOB, AGENT, PLAN_PART, AUDIT, PLAN, PLAN_DOMAIN, BUDGET_OVERRIDE)
 }
 
 
