@@ -517,11 +517,9 @@ class AgentDaemon:
         from agent.metrics import start_metrics_server
 
         try:
-            self._metrics = start_metrics_server(self)
+            self._metrics = start_metrics_server(self)  # logs the address (agent.metrics)
         except (OSError, ValueError) as e:
             self._fail(f"serving /metrics on {self.config.agent.metrics_listen}", e)
-            return
-        log.info("serving Prometheus metrics on %s", self._metrics.url)
 
     @property
     def metrics_url(self) -> str | None:

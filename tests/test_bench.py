@@ -29,6 +29,7 @@ def run(script: str, *args: str) -> str:
 def test_agent_overhead_bench_prints_cpu_and_rss() -> None:
     out = run("agent_overhead.py", "--cycles", "20", "--daemon-s", "0")
     assert "RSS:" in out and "% of one core" in out
+    assert "ratio on/off" in out  # /metrics scraped every cycle against off
 
 
 @pytest.mark.parametrize("seed", ["1", "2"])

@@ -7,6 +7,7 @@ Heavy imports (NVML, APScheduler, the store) happen inside the commands, so
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated
@@ -74,6 +75,8 @@ def run(
 
     cfg = _with_simulate(state(ctx).config(), simulate)
     check_state_dir(cfg)
+    metrics_log = logging.getLogger("agent.metrics")  # its address is news even without -v
+    metrics_log.setLevel(min(metrics_log.getEffectiveLevel(), logging.INFO))
     try:
         code = AgentDaemon(cfg).run(duration_s=duration)
     except DeviceError as e:  # NVML could not start: nothing was sampled

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -368,13 +371,16 @@ def test_get_serves_the_exposition(server: MetricsServer) -> None:
     assert {"dcenergy_gpu_power_watts", "DCGM_FI_DEV_POWER_USAGE"} <= names
 
 
-def test_openmetrics_is_negotiated(server: MetricsServer) -> None:
-    r = httpx.get(
-        server.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}, timeout=10
+def test_the_text_format_whatever_accept_says(server: MetricsServer) -> None:
+    # Prometheus's own Accept header: OpenMetrics first, the text format as a fallback.
+    accept = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+        "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
     )
+    r = httpx.get(server.url, headers={"Accept": accept}, timeout=10)
     assert r.status_code == 200
-    assert r.headers["content-type"].startswith("application/openmetrics-text")
-    assert r.text.rstrip().endswith("# EOF")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert int(r.headers["content-length"]) == len(r.content)
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
@@ -508,6 +514,30 @@ def test_a_port_in_use_is_counted_and_sampling_goes_on(tmp_path: Path) -> None:
             assert "serving /metrics" in daemon.last_error
         finally:
             daemon.shutdown()
+
+
+def test_agent_run_logs_the_address_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCENERGY_")}
+    (tmp_path / "c.toml").write_text("")
+    env.update(
+        DCENERGY_CONFIG=str(tmp_path / "c.toml"),
+        DCENERGY_AGENT_STATE_DIR=str(tmp_path / "state"),
+        DCENERGY_AGENT_RUNTIME_DIR=str(tmp_path / "run"),
+        DCENERGY_AGENT_METRICS_LISTEN="127.0.0.1:0",
+    )
+    code = "import sys; from dcenergy.cli import main; sys.exit(main())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "agent", "run", "--simulate", "2", "--duration", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "serving Prometheus metrics" in line]
+    assert len(lines) == 1, proc.stderr
+    assert re.search(r"on http://127\.0\.0\.1:\d+/metrics$", lines[0]), lines[0]
 
 
 # --- a real Prometheus -------------------------------------------------------------------------
