@@ -36,6 +36,7 @@ OTHER_ENV = frozenset(
         "DCENERGY_INFLUX_TOKEN",
         "DCENERGY_REQUIRE_INFLUXDB",
         "DCENERGY_REQUIRE_PROMETHEUS",
+        "DCENERGY_REQUIRE_SLURM",
     }
 )
 REDACTED = "***"
@@ -155,6 +156,9 @@ class StoreConfig:
 @dataclass(frozen=True)
 class OptimizerConfig:
     topology: str = _opt("/etc/dcenergy/topology.json", help="hosts -> racks/rows/feeds, budgets")
+    policy: str = _opt(
+        "", help="per-job policy from the scheduler (docs/policy.md); empty: every job alike"
+    )
     objective: str = _opt("budget", _one_of("budget", "energy", "cost"), help="what to optimize")
     window_s: float = _opt(600.0, _positive, help="telemetry window read for a solve")
     interval_s: float = _opt(300.0, _positive, help="optimizer service solve period")

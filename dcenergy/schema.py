@@ -73,6 +73,15 @@ TAG_DOMAIN: Final = "domain"
 TAG_ACTION: Final = "action"
 TAG_REASON: Final = "reason"
 
+# ``audit`` points the optimizer side writes when it acts through the scheduler
+# (``dcenergy consolidate --apply``): one per node drained or resumed, host-wide
+# (``gpu_uuid`` "all", as the reconciler's host-wide records), ``error`` if Slurm refused.
+AUDIT_DRAIN: Final = "drain"
+AUDIT_RESUME: Final = "resume"
+AUDIT_ERROR: Final = "error"
+AUDIT_ALL_GPUS: Final = "all"
+SCHEDULER_AUDIT_ACTIONS: Final = (AUDIT_DRAIN, AUDIT_RESUME, AUDIT_ERROR)
+
 GPU = Measurement(
     "gpu",
     (TAG_HOST, TAG_GPU_INDEX, TAG_GPU_UUID, TAG_GPU_MODEL),

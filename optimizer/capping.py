@@ -6,6 +6,9 @@ The model
   job together (its throughput is set by the slowest GPU, so its GPUs share
   one cap), or a single GPU of any other job. Idle GPUs (in no job) get no
   variable: they draw ``idle_w`` whatever the cap, and keep their default cap.
+* An **exempt** job (a scheduler policy: interactive partitions, urgent QOS)
+  is fixed load: its groups' caps are pinned at the default cap (``lo = hi``)
+  so budgets count it there and the plan leaves it alone; it has no floor.
 * A job's throughput is ``sum over its groups of (n_k / K_j) * f_j(cap_k)``,
   ``f_j`` the job's concave curve (total throughput at a uniform per-GPU cap),
   ``n_k`` GPUs in the group, ``K_j`` in the job.
@@ -235,6 +238,12 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     grp_target = np.full(n_groups, np.inf)
     np.minimum.at(grp_target, bgrp, default_w[bg])
     grp_target = np.clip(grp_target, grp_lo, grp_hi)
+    # an exempt job (scheduler policy) is fixed load: its caps pinned at the default cap
+    exempt = np.fromiter((j.exempt for j in jobs), dtype=bool, count=n_jobs)
+    if np.any(exempt):
+        pinned = exempt[grp_job]
+        grp_lo = np.where(pinned, grp_target, grp_lo)
+        grp_hi = np.where(pinned, grp_target, grp_hi)
     grp_rep = np.zeros(n_groups, dtype=np.int64)
     grp_rep[bgrp] = bg
     incid = sparse.csr_matrix((np.ones(len(bg)), (bg, bgrp)), shape=(n_gpu, n_groups))
@@ -260,7 +269,7 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     job_margin = np.fromiter((f.slowdown_margin for f in job_fits), dtype=float, count=n_jobs)
     job_s = np.maximum(job_s - job_margin, 0.0)
     job_draw = np.fromiter((f.draw_w for f in job_fits), dtype=float, count=n_jobs)
-    job_floor = (1.0 - job_s) * job_unc
+    job_floor = np.where(exempt, 0.0, (1.0 - job_s) * job_unc)  # exempt: nothing to protect
 
     # segment tables per distinct (curve, lo, hi), replicated to groups
     curve_ix: dict[int, int] = {}

@@ -75,6 +75,9 @@ class Job:
     allowed_slowdown: float = 0.1
     synchronous: bool = False
     unit: str = "units"
+    # exempt: fixed load at its GPUs' default cap, never capped nor slowed (scheduler policy)
+    exempt: bool = False
+    policy: str | None = None  # where weight/slowdown/exempt came from (shown in reports)
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,17 @@ _GPU_KEYS = frozenset(
 )
 _DOMAIN_KEYS = frozenset({"id", "budget_w", "baseline_w", "kind"})
 _JOB_KEYS = frozenset(
-    {"id", "gpus", "weight", "allowed_slowdown", "synchronous", "unit", "samples"}
+    {
+        "id",
+        "gpus",
+        "weight",
+        "allowed_slowdown",
+        "synchronous",
+        "unit",
+        "samples",
+        "exempt",
+        "policy",
+    }
 )
 _SAMPLE_KEYS = frozenset({"cap_w", "power_w", "throughput"})
 _OBJECTIVE_KEYS = frozenset(
@@ -411,6 +424,8 @@ def _parse_jobs(r: _Reader, top: Mapping[str, Any], gpus: Mapping[str, Gpu]) -> 
                     f"(highest min_w {lo:g} > lowest max_w {hi:g})",
                 )
         unit = r.string(o, "unit", p, default="units")
+        exempt = r.boolean(o, "exempt", p, False)
+        policy = r.string(o, "policy", p) if o.get("policy") is not None else None
         samples: list[Sample] = []
         for k, sraw in enumerate(r.array(o.get("samples", []), f"{p}.samples")):
             sp = f"{p}.samples[{k}]"
@@ -434,6 +449,8 @@ def _parse_jobs(r: _Reader, top: Mapping[str, Any], gpus: Mapping[str, Gpu]) -> 
                 allowed_slowdown=slow,
                 synchronous=sync,
                 unit=unit,
+                exempt=exempt,
+                policy=policy,
             )
         )
     return tuple(out)
@@ -508,6 +525,8 @@ def problem_to_json(p: Problem) -> dict[str, Any]:
             "synchronous": j.synchronous,
             "unit": j.unit,
             "samples": [_sample_json(s) for s in j.samples],
+            **({"exempt": True} if j.exempt else {}),
+            **({"policy": j.policy} if j.policy is not None else {}),
         }
         for j in p.jobs
     ]

@@ -12,11 +12,13 @@ from optimizer.plan import Plan
 from optimizer.problem import Problem, measured_domain_power
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: list[str], rows: list[list[str]], *, text_last: bool = False) -> list[str]:
+    """Columns: the first (and with ``text_last`` the last: free text) left, numbers right."""
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
     ]
-    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    last = len(widths) - 1 if text_last else 0
+    fmt = "  ".join(f"{{:<{w}}}" if i in (0, last) else f"{{:>{w}}}" for i, w in enumerate(widths))
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [
         fmt.format(*r) for r in rows
     ]
@@ -75,6 +77,7 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
     # jobs
     caps = {sp.gpu: sp.power_limit_w for sp in plan.setpoints}
     clocks = {sp.gpu: sp.sm_clock_max_mhz for sp in plan.setpoints}
+    with_policy = any(j.policy is not None or j.exempt for j in problem.jobs)
     rows = []
     for j in problem.jobs[:max_rows]:
         jc = [caps.get(g, 0.0) for g in j.gpus]
@@ -83,19 +86,22 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
         b = plan.before.job_throughput.get(j.id, 0.0)
         a = plan.after.job_throughput.get(j.id, 0.0)
         slow = (1 - a / b) * 100 if b > 0 else 0.0
-        rows.append(
-            [
-                j.id,
-                str(len(j.gpus)),
-                cap_txt + " W",
-                f"{min(clk)} MHz" if clk else "-",
-                f"{a:.4g} {j.unit}/s",
-                f"{slow:.1f} %",
-                f"{j.allowed_slowdown * 100:.0f} %",
-            ]
-        )
+        row = [
+            j.id,
+            str(len(j.gpus)),
+            cap_txt + " W",
+            f"{min(clk)} MHz" if clk else "-",
+            f"{a:.4g} {j.unit}/s",
+            f"{slow:.1f} %",
+            "exempt" if j.exempt else f"{j.allowed_slowdown * 100:.0f} %",
+        ]
+        if with_policy:
+            row += [f"{j.weight:g}", j.policy or "-"]
+        rows.append(row)
     out.append("Jobs")
-    out += _table(["job", "gpus", "cap", "sm clock", "throughput", "slowdown", "allowed"], rows)
+    header = ["job", "gpus", "cap", "sm clock", "throughput", "slowdown", "allowed"]
+    extra = ["weight", "policy (where it came from)"] if with_policy else []
+    out += _table(header + extra, rows, text_last=with_policy)
     if len(problem.jobs) > max_rows:
         out.append(f"... {len(problem.jobs) - max_rows} more jobs")
     out.append("")

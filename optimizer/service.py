@@ -65,6 +65,7 @@ from dcenergy.publish import publish
 from optimizer.capping import solve_capping
 from optimizer.curves import CurveFit, fit_curves
 from optimizer.plan import Plan, make_plan, plan_to_json
+from optimizer.policy import Policy, SchedulerPolicy, SlurmSource, load_policy
 from optimizer.problem import Problem, parse_problem
 from optimizer.records import plan_points
 from optimizer.snapshot import build_problem, objective_doc
@@ -114,6 +115,7 @@ class OptimizerService:
         *,
         state_dir: Path | None = None,
         method: str = "auto",
+        policy_path: Path | str | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -122,6 +124,12 @@ class OptimizerService:
         self.clock = clock
         self.state_dir = Path(state_dir) if state_dir is not None else config.state_dir
         self.method = method
+        # the scheduler's per-job policy (docs/policy.md): re-read every run, like the topology
+        policy = policy_path or config.optimizer.policy
+        self.policy_path = Path(policy) if policy else None
+        self._policy: Policy | None = None
+        self._resolver: SchedulerPolicy | None = None
+        self._slurm_source: SlurmSource | None = None
         self.stats = ServiceStats()
         self.last_plan: Plan | None = None
         self.last_exception: BaseException | None = None
@@ -231,6 +239,7 @@ class OptimizerService:
             window_s=o.window_s,
             objective=objective_doc(o),
             allowed_slowdown=o.allowed_slowdown,
+            policy=self._job_policy(),
         )
         return parse_problem(doc, "<telemetry>")
 
@@ -244,7 +253,53 @@ class OptimizerService:
                 ", ".join(d.id for d in result.infeasible_domains) or "none",
                 ", ".join(result.slowdown_exceeded) or "none",
             )
-        return make_plan(problem, result, created_ns=now_ns, ttl_s=self.config.optimizer.plan_ttl_s)
+        return make_plan(
+            problem,
+            result,
+            created_ns=now_ns,
+            ttl_s=self.config.optimizer.plan_ttl_s,
+            consolidation=self._consolidation(now_ns),
+        )
+
+    # --- the scheduler's policy ---------------------------------------------------------------
+    def _job_policy(self) -> SchedulerPolicy | None:
+        """The policy file joined with Slurm's job facts (their cache outlives one run)."""
+        if self.policy_path is None:
+            self._policy = None
+            return None
+        self._policy = load_policy(self.policy_path)
+        if self._resolver is None or self._policy.slurm != self._slurm_source:
+            from optimizer.slurm import policy_resolver
+
+            self._slurm_source = self._policy.slurm
+            self._resolver = policy_resolver(self._policy, self.config.optimizer.allowed_slowdown)
+        self._resolver.policy = self._policy
+        self._resolver.default_slowdown = self.config.optimizer.allowed_slowdown
+        return self._resolver
+
+    def _consolidation(self, now_ns: int) -> dict[str, Any] | None:
+        """The consolidation MILP on the same window, when the policy has its section.
+
+        The service only plans it (the plan and its records carry the moves and
+        the nodes to free); draining is ``dcenergy consolidate --apply``.
+        """
+        if self._policy is None or self._policy.consolidation is None:
+            return None
+        from optimizer.consolidation import parse_consolidation, solve_consolidation
+        from optimizer.live_consolidation import build_consolidation
+
+        o = self.config.optimizer
+        snap = build_consolidation(
+            self.store,
+            now_ns=now_ns,
+            window_s=o.window_s,
+            objective=objective_doc(o),
+            policy=self._policy.consolidation,
+            jobs=self._resolver,
+        )
+        cp = parse_consolidation(snap.section, "<telemetry>", prefix="consolidation")
+        limit = self._policy.consolidation.time_limit_s
+        return solve_consolidation(cp, time_limit_s=limit).to_json()
 
     def _publish(self, plan: Plan, now_ns: int) -> list[SignedPart]:
         seq = max(now_ns, self.last_seq + 1)

@@ -24,6 +24,7 @@ from dcenergy import schema
 from dcenergy.config import OptimizerConfig
 from dcenergy.errors import NoTelemetry
 from dcenergy.store.base import Agg, AggregateQuery, AggRow, FieldFilter, Fn, Op, Store
+from optimizer.policy import PolicyResolver
 from optimizer.topology import Topology
 
 # Idle board power by model family (W), from vendor datasheets and common
@@ -282,8 +283,15 @@ def build_problem(
     window_s: float,
     objective: Mapping[str, Any],
     allowed_slowdown: float,
+    policy: PolicyResolver | None = None,
 ) -> dict[str, Any]:
-    """The problem document for the fleet as the store saw it in the last ``window_s``."""
+    """The problem document for the fleet as the store saw it in the last ``window_s``.
+
+    Every job gets weight 1 and ``allowed_slowdown``, unless ``policy`` (the
+    scheduler's facts through the policy file, ``optimizer/policy.py``) says
+    otherwise: then its weight, allowed slowdown, ``exempt`` and where they
+    came from (``policy``, shown in reports) are the resolver's.
+    """
     start, end = now_ns - int(window_s * 1e9), now_ns + 1
     summary_q, idle_q = _gpu_queries(start, end)
     gpus = _summarise_gpus(store.aggregate(summary_q), store.aggregate(idle_q))
@@ -329,6 +337,14 @@ def build_problem(
                 "samples": j["samples"],
             }
         )
+    if policy is not None:
+        decided = policy.resolve([d["id"] for d in job_docs])
+        for d in job_docs:
+            jp = decided[d["id"]]
+            d["weight"], d["allowed_slowdown"] = jp.weight, jp.allowed_slowdown
+            if jp.exempt:
+                d["exempt"] = True
+            d["policy"] = jp.describe()
     domain_docs = [
         {"id": d.id, "budget_w": d.budget_w, "baseline_w": d.baseline_w, "kind": d.kind}
         for d in topology.domains

@@ -21,7 +21,15 @@ from typing import Annotated, Any
 import typer
 import typer.main
 
-from dcenergy.cli import agent_cmd, config_cmd, optimize_cmd, optimizer_cmd, plan_cmd, sim_cmd
+from dcenergy.cli import (
+    agent_cmd,
+    config_cmd,
+    optimize_cmd,
+    optimizer_cmd,
+    plan_cmd,
+    sim_cmd,
+    slurm_cmd,
+)
 from dcenergy.cli.context import State
 from dcenergy.errors import EX_INTERRUPTED, EX_SOFTWARE, EXIT_CODES, DcenergyError
 
@@ -137,6 +145,7 @@ app.add_typer(optimizer_cmd.app, name="optimizer")
 optimize_cmd.register(app)
 plan_cmd.register(app)
 sim_cmd.register(app)
+slurm_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,14 @@ def file_checks(cfg: Config) -> list[Check]:
         topo = load_topology(Path(o.topology))
         return f"{len(topo.domains)} domains, {len(topo.host_domains)} hosts"
 
+    def policy() -> str:
+        from optimizer.policy import load_policy
+
+        pol = load_policy(o.policy)
+        facts = "job facts from Slurm" if pol.slurm is not None else "no scheduler facts"
+        cons = ", consolidation" if pol.consolidation is not None else ""
+        return f"{len(pol.rules)} rules, {facts}{cons}"
+
     def signing_key() -> str:
         load_private_key(o.signing_key, source=cfg.source_of("optimizer.signing_key"))
         return "an Ed25519 private key, mode 0600"
@@ -122,6 +130,8 @@ def file_checks(cfg: Config) -> list[Check]:
             cfg, "optimizer.topology", o.topology, "optimizer host only; or --budget W", topology
         )
     )
+    if o.policy:
+        out.append(_run("optimizer.policy", o.policy, policy))
     out.append(
         _optional(cfg, "optimizer.signing_key", o.signing_key, "optimizer host only", signing_key)
     )

@@ -178,6 +178,14 @@ def recommend(
     apply: Annotated[
         bool, typer.Option("--apply", help="Sign the plan and publish it to the agents.")
     ] = False,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Per-job policy from the scheduler, and consolidation inputs "
+            "(docs/policy.md) [default: optimizer.policy].",
+        ),
+    ] = None,
 ) -> None:
     """Recommend power caps from the store's recent telemetry and print the report.
 
@@ -226,6 +234,9 @@ def recommend(
     for out, option in ((output, "--output"), (save_problem, "--save-problem")):
         if out is not None:
             check_output(out, option)
+    from dcenergy.cli.slurm_cmd import load_policy_option
+
+    pol = load_policy_option(cfg, policy)
     window_s = o.window_s if window is None else window
     store = open_configured_store_if_exists(cfg)
     if store is None:  # read-only: no state directory, no empty store made
@@ -235,22 +246,45 @@ def recommend(
             "store.influx_url / store.embedded_path at the store that has it",
         )
     phases = Phases()
+    resolver = None
+    if pol is not None:
+        from optimizer.slurm import policy_resolver
+
+        resolver = policy_resolver(pol, slowdown)
     try:
         with phases.phase("read"):
+            now_ns = time.time_ns()
             doc = build_problem(
                 store,
                 topo,
-                now_ns=time.time_ns(),
+                now_ns=now_ns,
                 window_s=window_s,
                 objective=objective_doc(o, objective.value if objective else None),
                 allowed_slowdown=slowdown,
+                policy=resolver,
             )
+            if pol is not None and pol.consolidation is not None:
+                from optimizer.live_consolidation import build_consolidation
+
+                snap = build_consolidation(
+                    store,
+                    now_ns=now_ns,
+                    window_s=window_s,
+                    objective=doc["objective"],
+                    policy=pol.consolidation,
+                    jobs=resolver,
+                )
+                doc["consolidation"] = snap.section
+                for note in snap.notes:
+                    typer.echo(f"note: consolidation: {note}", err=True)
+            if resolver is not None and resolver.last_error:
+                typer.echo(f"warning: {resolver.last_error}", err=True)
             if budget is None:
                 _warn_coverage(topo, {g["host"] for g in doc["gpus"]})
             if save_problem is not None:
                 write_output(save_problem, json.dumps(doc, indent=2) + "\n", "--save-problem")
             problem = parse_problem(doc, "<telemetry>")
-        plan = solve(problem, method.value, o.plan_ttl_s, phases=phases)
+        plan = solve(problem, method.value, o.plan_ttl_s, doc, "<telemetry>", phases=phases)
         with phases.phase("report"):
             _emit(problem, plan, output, as_json)
         if apply:

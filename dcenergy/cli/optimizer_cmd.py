@@ -76,6 +76,14 @@ def run(
             help="Topology JSON (docs/topology.md) [default: optimizer.topology].",
         ),
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            metavar="PATH",
+            help="Per-job policy from the scheduler (docs/policy.md) [default: optimizer.policy].",
+        ),
+    ] = None,
 ) -> None:
     """Publish a signed plan now and every optimizer.interval_s until SIGTERM/SIGINT."""
     from dcenergy.store.configured import open_configured_store
@@ -92,13 +100,19 @@ def run(
             "an existing topology file (docs/topology.md)",
             source=None if topology is not None else cfg.source_of("optimizer.topology"),
         )
+    if policy is not None or cfg.optimizer.policy:
+        from dcenergy.cli.slurm_cmd import load_policy_option
+
+        load_policy_option(cfg, policy)  # a bad policy stops the start, as a bad topology does
     if "STATE_DIRECTORY" not in os.environ:
         from dcenergy.store.configured import check_state_dir
 
         check_state_dir(cfg)
     store = open_configured_store(cfg)
     try:
-        service = OptimizerService(cfg, store, key, topo, state_dir=_state_dir(cfg))
+        service = OptimizerService(
+            cfg, store, key, topo, state_dir=_state_dir(cfg), policy_path=policy
+        )
         if not once:
             raise typer.Exit(service.run(duration_s=duration))
         try:
