@@ -1,29 +1,39 @@
 """Fleet scale: the central loop (``recommend``, ``optimizer run --once``) against a filled store.
 
-    python bench/fleet_scale.py                        # every size (long: tens of minutes)
-    python bench/fleet_scale.py --quick                # 16 GPUs x 60 s, the smoke test
+    python bench/fleet_scale.py                  # every size (long: the 10,240-GPU fill alone
+                                                 # is 8 M lines, minutes on 2 cores)
+    python bench/fleet_scale.py --quick          # 16 and 32 GPUs x 60 s: the smoke test
     python bench/fleet_scale.py --sizes 1024x60 1024x600 --embedded none --estimate-gpus 0
+    python bench/fleet_scale.py --code /tmp/old  # the same data and runs, another checkout
 
 1. **Fill** a real ``influxd`` (``tests/influx_server.py``) with schema-true 1 s
    ``gpu`` and ``job`` telemetry for N GPUs (8 per host, jobs of 1-8 GPUs on one
-   host, some idle GPUs, some jobs trying lower caps during part of every
-   minute so the fits see several caps; H100 numbers). Lines are formatted in
-   bulk (numpy + one ``%`` per batch, not ``Point`` objects), gzip'd and POSTed
-   to ``/write?precision=s`` in ~50k-line batches, several in flight. The data
-   folder is kept under ``--root`` (``<N>gpus-<S>s/``, S = the longest window
-   asked for at that N, with ``marker.json``). The CLI reads the window ending
-   at *now* (it takes no "now"), so a kept folder is **topped up** to now before
-   each command, and refilled when its data ended longer ago than S.
-2. **Run** ``dcenergy -v recommend --json --budget W`` and ``dcenergy -v
-   optimizer run --once`` as children, with a temporary TOML config, topology
-   and signing key: wall time, peak RSS (``wait4``'s rusage of that child),
-   influxd's CPU seconds during the command, exit code, GPUs in the plan, and
+   host, some idle GPUs, a quarter of the jobs trying two lower caps during part
+   of every minute and a tenth at a fixed lower cap, so the fits see several
+   caps; H100 numbers). Lines are formatted in bulk (numpy + one ``%`` per
+   batch, not ``Point`` objects), gzip'd and POSTed to ``/write?precision=s``
+   in ~50k-line batches (halved when influxd's own 10 s write timeout trips),
+   ``--inflight`` at once. The fill rate is printed.
+2. **Kept data.** The folder stays under ``--root`` (``<N>gpus-<S>s/``, S the
+   longest window asked for at that N, with ``marker.json``: N, S, seed, start
+   and end). The CLI takes no "now" (it reads the window ending at the clock),
+   so a fill writes S seconds ending *ahead* of the clock by its expected
+   duration (the last fill's rate, ``fill-rate.json``) and waits for the clock
+   to pass the data's end; before each command the folder is **topped up** to
+   now. A folder whose data ended longer than S ago is wiped and refilled. The
+   output says which ("data folder reused" / "refilled (why)").
+3. **Run** ``dcenergy -v recommend --json --budget W`` and ``dcenergy -v
+   optimizer run --once`` as children (temporary TOML config, rack topology
+   with a facility budget, a key from ``dcenergy keys generate``): wall time,
+   peak RSS (``wait4`` of that command alone, through a small launcher),
+   influxd's CPU seconds, exit code and first error line, GPUs in the plan, and
    the reader's ``phases: key=value ...`` INFO line (``n/a`` when absent).
-3. The **embedded** store (SQLite, through ``EmbeddedStore.write_lines``) at
-   ``--embedded`` (default 128 GPUs x 1 h): ``recommend`` on it, bytes per point.
-4. **100k GPUs estimate**: a line through the measured cost (without fit and
-   solve) against GPUs, plus ``fit_curves`` + ``solve_capping`` measured on a
-   synthetic problem of the full size (``bench/optimizer_scale.py``'s fleet).
+4. The **embedded** store (SQLite, filled through ``EmbeddedStore.write_lines``)
+   at ``--embedded`` (default 128 GPUs x 1 h): ``recommend``, bytes per point.
+5. **100k GPUs estimate**: lines through the measured phases against GPUs
+   (window 600 s), plus ``fit_curves`` + ``solve_capping`` timed on a synthetic
+   problem of the full size (``bench/optimizer_scale.py``'s fleet, each job
+   with its own readings).
 
 Targets (printed next to the figures, never asserted): 10,240 GPUs x 600 s:
 ``optimizer run --once`` <= 15 s end to end, <= 1 GB peak RSS, every query
@@ -46,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,11 +288,15 @@ class Fleet:
             out.append((job_fmt * len(job)) % tuple(job.ravel().tolist()))
         return "".join(out), n_t * (n_g + self.n_jobs)
 
-    def slices(self, t0: int, t1: int) -> Iterator[tuple[int, int]]:
-        """[t0, t1) in time slices of about BATCH_LINES lines."""
-        step = max(1, BATCH_LINES // (self.n_gpus + self.n_jobs))
-        for a in range(t0, t1, step):
-            yield a, min(t1, a + step)
+    def slices(
+        self, t0: int, t1: int, batch: Callable[[], int] = lambda: BATCH_LINES
+    ) -> Iterator[tuple[int, int]]:
+        """[t0, t1) in time slices of about ``batch()`` lines (asked again for each slice)."""
+        a = t0
+        while a < t1:
+            b = min(t1, a + max(1, batch() // (self.n_gpus + self.n_jobs)))
+            yield a, b
+            a = b
 
     def draw_w(self) -> float:
         return float(self.nominal_w.sum())
@@ -313,13 +327,17 @@ class FillStats:
     gz_bytes: int = 0
     seconds: float = 0.0
     retries: int = 0
+    timeouts: int = 0  # influxd's own write timeout (10 s): the batch was too big for it
+    batch_lines: int = BATCH_LINES
+    last_retry: str = ""  # why the last retried request failed
 
     def rate(self) -> str:
         s = max(self.seconds, 1e-9)
+        retries = f", {self.retries} retries, the last: {self.last_retry}" if self.retries else ""
         return (
             f"{self.lines:,} lines in {self.seconds:.1f} s = {self.lines / s:,.0f} lines/s "
             f"({self.raw_bytes / s / 1e6:.1f} MB/s of line protocol, {self.gz_bytes / 1e6:.0f} MB "
-            f"gzip'd{f', {self.retries} retries' if self.retries else ''})"
+            f"gzip'd{retries})"
         )
 
 
@@ -356,8 +374,8 @@ class InfluxWriter:
                     content=gz,
                     headers={"Content-Encoding": "gzip"},
                 )
-            except httpx.TransportError:
-                r = None
+            except httpx.TransportError as e:
+                r, why = None, type(e).__name__
             if r is not None and r.status_code == 204:
                 with self._lock:
                     self.stats.raw_bytes += len(raw)
@@ -365,8 +383,14 @@ class InfluxWriter:
                 return
             if r is not None and 400 <= r.status_code < 500:
                 raise RuntimeError(f"influxd refused a batch ({r.status_code}): {r.text[:300]}")
+            if r is not None:
+                why = f"{r.status_code} {r.text.strip()[:120]}"
             with self._lock:
                 self.stats.retries += 1
+                self.stats.last_retry = why
+                if "timeout" in why:  # smaller batches from now on
+                    self.stats.timeouts += 1
+                    self.stats.batch_lines = max(5_000, self.stats.batch_lines // 2)
             time.sleep(min(2.0, 0.1 * (attempt + 1)))  # cache full (500), overloaded: wait
         raise RuntimeError("influxd kept failing writes")
 
@@ -394,7 +418,7 @@ def fill_influx(url: str, fleet: Fleet, t0: int, t1: int, inflight: int) -> Fill
     w = InfluxWriter(url, inflight)
     start = last = time.perf_counter()
     try:
-        for a, b in fleet.slices(t0, t1):
+        for a, b in fleet.slices(t0, t1, lambda: w.stats.batch_lines):
             body, n = fleet.lines(a, b)
             w.stats.lines += n
             w.submit(body)
@@ -403,7 +427,11 @@ def fill_influx(url: str, fleet: Fleet, t0: int, t1: int, inflight: int) -> Fill
                 print(
                     f"    filling: {(b - t0) / (t1 - t0):4.0%} of {t1 - t0} s, "
                     f"{w.stats.lines / (last - start):,.0f} lines/s"
-                    + (f", {w.stats.retries} retries" if w.stats.retries else ""),
+                    + (
+                        f", {w.stats.retries} retries, batches now {w.stats.batch_lines:,} lines"
+                        if w.stats.retries
+                        else ""
+                    ),
                     flush=True,
                 )
     except BaseException:
@@ -539,12 +567,16 @@ class DataSet:
             # ends ahead of the clock by the fill's expected duration (from the last fill's
             # rate), the bench waits for the clock to pass the data's end (no reader ever sees
             # a point from the future), and a top-up writes what a slow fill left behind.
-            self.lead_s = int(min(2.0, self._per_data_s() / self._rate()) * self.span_s)
+            # Guessing long only costs an idle wait; guessing short costs top-ups, which never
+            # catch up where writing is slower than the clock (a big fleet, a busy machine).
+            k = self._per_data_s() / self._rate()  # seconds of writing per second of data
+            self.lead_s = int(min(3.0, 1.3 * k) * self.span_s)
             start_s = now - self.span_s + self.lead_s
             self.end_s = now + self.lead_s
             self.start_s = start_s
             self.fill = self._write(start_s, self.end_s, inflight)
-            self._save_rate(self.fill.lines / max(self.fill.seconds, 1e-3))
+            if self.fill.lines >= 200_000:  # a small fill's rate says little about a big one
+                self._save_rate(self.fill.lines / max(self.fill.seconds, 1e-3))
             self._write_marker(start_s)
             if (ahead := self.end_s - time.time()) > 0:
                 self.waited_s = ahead
@@ -585,8 +617,12 @@ class DataSet:
             if gap <= 1 or gap > 0.7 * last_gap:
                 break
             last_gap = gap
-            self._write(self.end_s, now, inflight)
-            self.topped_s += gap
+            # older than the span is never read: a gap past it restarts the span at now
+            start = max(self.end_s, now - self.span_s)
+            self._write(start, now, inflight)
+            self.topped_s += now - start
+            if start > self.end_s:
+                self.start_s = start
             self.end_s = now
             self._write_marker(self.start_s)
         self.behind_s = max(0, int(time.time()) - self.end_s)
@@ -595,8 +631,8 @@ class DataSet:
         if self.fill is None:
             return ""
         return (
-            f"  fill: {self.fill.rate()}\n  fill: {self.end_s - self.start_s - self.topped_s} s "
-            f"of data ending {self.lead_s} s ahead of the clock (the expected fill time), "
+            f"  fill: {self.fill.rate()}\n  fill: {self.span_s} s of data ending "
+            f"{self.lead_s} s ahead of the clock (the expected fill time, generously), "
             f"then waited {self.waited_s:.0f} s and topped up {self.topped_s} s"
         )
 
