@@ -224,7 +224,7 @@ def _print_metrics_overhead(gpus: int, cycles: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         backend, sampler, spool = _busy_node(Path(tmp), gpus)
         shipper = ShipperCounters()
-        last: list[object] = []
+        last: list[tuple] = []
 
         def sample_and_keep() -> list:  # what the daemon does: keep the cycle's points
             points = real_sample()
@@ -242,39 +242,54 @@ def _print_metrics_overhead(gpus: int, cycles: int, repeats: int) -> None:
                 spool=spool.counters(),
                 shipper=shipper,
             )
-            return Snapshot(host="bench", points=last[0] if last else (), agent=stats)  # type: ignore[arg-type]
+            return Snapshot(host="bench", points=last[0] if last else (), agent=stats)
 
-        server = MetricsServer("127.0.0.1:0", AgentCollector(snapshot, dcgm_compat=True))
-        server.start()
-        scraper = _Scraper(server.address[1])
-        scraper.start()
+        servers = {
+            compat: MetricsServer("127.0.0.1:0", AgentCollector(snapshot, dcgm_compat=compat))
+            for compat in (False, True)
+        }
+        scrapers: dict[bool, _Scraper] = {}
+        for compat, server in servers.items():
+            server.start()
+            scrapers[compat] = _Scraper(server.address[1])
+            scrapers[compat].start()
+        modes: list[tuple[str, _Scraper | None]] = [
+            ("off", None),
+            ("on", scrapers[False]),
+            ("on+dcgm", scrapers[True]),
+        ]
+        per_mode: dict[str, list[float]] = {name: [] for name, _ in modes}
         try:
-            for _ in range(10):  # warm-up of both paths
+            for _ in range(10):  # warm-up of every path
                 spool.put(sampler.sample())
-                scraper.scrape()
-            off: list[float] = []
-            on: list[float] = []
-            for r in range(repeats):
-                first_on = r % 2 == 1  # alternate the order: drift hits both alike
-                for mode in ("on", "off") if first_on else ("off", "on"):
-                    if mode == "on":
-                        on.append(_run_cycles(sampler, spool, cycles, scraper))
-                    else:
-                        off.append(_run_cycles(sampler, spool, cycles, None))
+                for scraper in scrapers.values():
+                    scraper.scrape()
+            for r in range(repeats):  # rotate the order: drift hits every mode alike
+                for name, scraper in modes[r % 3 :] + modes[: r % 3]:
+                    per_mode[name].append(_run_cycles(sampler, spool, cycles, scraper))
         finally:
-            scraper.stop = True
-            scraper.go.set()
-            scraper.join(5)
-            server.close()
+            for scraper in scrapers.values():
+                scraper.stop = True
+                scraper.go.set()
+                scraper.join(5)
+            for server in servers.values():
+                server.close()
             spool.close()
             backend.close()
-    off_ms, on_ms = statistics.median(off) * 1e3, statistics.median(on) * 1e3
+    med = {name: statistics.median(v) * 1e3 for name, v in per_mode.items()}
+    off = med["off"]
     print(
-        f"  /metrics (dcgm-compat on, {scraper.bytes / 1024:.0f} KiB per scrape), one scrape per "
-        f"cycle, {repeats} repeats x {cycles} cycles: CPU per cycle off {off_ms:.3f} ms, "
-        f"on {on_ms:.3f} ms (medians; runs {min(on) * 1e3:.3f}-{max(on) * 1e3:.3f} ms on): "
-        f"ratio on/off {on_ms / off_ms:.2f}, a scrape costs {on_ms - off_ms:.3f} ms"
+        f"  /metrics scraped once per cycle (Prometheus every 1 s at agent.interval_s = 1 s), "
+        f"{repeats} repeats x {cycles} cycles, medians of CPU per cycle:"
     )
+    print(f"    off      {off:.3f} ms")
+    for name, compat in (("on", False), ("on+dcgm", True)):
+        runs = per_mode[name]
+        print(
+            f"    {name:<8} {med[name]:.3f} ms (runs {min(runs) * 1e3:.3f}-{max(runs) * 1e3:.3f}), "
+            f"{scrapers[compat].bytes / 1024:.0f} KiB per scrape: ratio on/off "
+            f"{med[name] / off:.2f}, a scrape costs {med[name] - off:.3f} ms"
+        )
 
 
 def _daemon_rss_mb(gpus: int, seconds: float) -> float:
