@@ -29,6 +29,7 @@ EX_OK = 0
 EX_FAILURE = 1  # a failure not listed here
 EX_INFEASIBLE = 3  # a best-effort plan: some budget cannot be met (the plan is still emitted)
 EX_NO_TELEMETRY = 4  # the store holds no telemetry for the window
+EX_ATTENTION = 5  # dcenergy status: something needs attention (a silent agent, a refusal...)
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
@@ -44,6 +45,8 @@ EXIT_CODES: dict[int, str] = {
     EX_INFEASIBLE: "best-effort plan: a budget unmet or jobs past their allowed slowdown "
     "(the plan is still printed, written, published)",
     EX_NO_TELEMETRY: "no telemetry in the window",
+    EX_ATTENTION: "status: something needs attention (silent agent, refused part, "
+    "lapsed lease or restore, drops, lost GPU, thermal guard)",
     EX_USAGE: "options that exclude each other",
     EX_DATAERR: "bad input file (problem, plan, topology) or a plan the fleet refuses",
     EX_UNAVAILABLE: "device or store unavailable, or data left unwritten",

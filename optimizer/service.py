@@ -59,9 +59,11 @@ from typing import TYPE_CHECKING, Any
 from dcenergy.config import Config
 from dcenergy.errors import DcenergyError
 from dcenergy.files import write_private_atomic
+from dcenergy.overrides import read_overrides
 from dcenergy.phases import Phases
 from dcenergy.plan import SignedPart
-from dcenergy.publish import publish
+from dcenergy.publish import newest_parts, publish
+from optimizer.budget_overrides import apply_overrides
 from optimizer.capping import solve_capping
 from optimizer.curves import CurveFit, fit_curves
 from optimizer.plan import Plan, make_plan, plan_to_json
@@ -94,6 +96,8 @@ class ServiceStats:
     consecutive_failures: int = 0
     records_errors_total: int = 0
     last_error: str = ""
+    reverted_hosts: int = 0  # hosts the last run did not publish for (a live revert)
+    overrides_in_force: int = 0  # budget overrides the last run applied
 
 
 class OptimizerService:
@@ -134,6 +138,8 @@ class OptimizerService:
         self.last_plan: Plan | None = None
         self.last_exception: BaseException | None = None
         self._logged_error = ""
+        self._logged_reverts: frozenset[str] = frozenset()
+        self._logged_overrides: tuple[object, ...] = ((), ())
         self._stop = threading.Event()
         self._signalled: int | None = None
         self._state = self._load_state()
@@ -189,7 +195,9 @@ class OptimizerService:
             topology = self._topology()
             stage = "snapshot"
             with phases.phase("read"):
-                problem = self._problem(topology, now)
+                topology = self._with_overrides(topology, now)
+                reverted = self._reverted_hosts(now)
+                problem = self._problem(topology, now, pinned=reverted)
             stage = "fit"
             with phases.phase("fit"):
                 fits = fit_curves(problem)
@@ -198,7 +206,7 @@ class OptimizerService:
                 plan = self._solve(problem, fits, now)
             stage = "publish"
             with phases.phase("publish"):
-                signed = self._publish(plan, now)
+                signed = self._publish(plan, now, skip_hosts=reverted)
         except Exception as e:
             self._fail(stage, e, now, log_it=not raise_errors)
             if raise_errors:
@@ -230,7 +238,15 @@ class OptimizerService:
     def _topology(self) -> Topology:
         return load_topology(self.topology_path)
 
-    def _problem(self, topology: Topology, now_ns: int) -> Problem:
+    def _problem(
+        self, topology: Topology, now_ns: int, *, pinned: frozenset[str] = frozenset()
+    ) -> Problem:
+        """The problem from telemetry; GPUs of ``pinned`` hosts may not go below their default.
+
+        A reverted host's GPUs run at their saved (pre-agent, normally default) limits
+        whatever the plan says: counting them there keeps every domain's budget honest
+        for the GPUs the plan does steer.
+        """
         o = self.config.optimizer
         doc = build_problem(
             self.store,
@@ -241,7 +257,60 @@ class OptimizerService:
             allowed_slowdown=o.allowed_slowdown,
             policy=self._job_policy(),
         )
+        for g in doc["gpus"]:
+            if g["host"] in pinned:
+                g["min_w"] = max(g["min_w"], g["default_w"])
         return parse_problem(doc, "<telemetry>")
+
+    def _with_overrides(self, topology: Topology, now_ns: int) -> Topology:
+        """The topology's budgets with the live budget overrides (demand response) applied.
+
+        One aggregate read; an override this optimizer's key did not sign, or for a
+        domain the topology lacks, is ignored. Changes are logged once.
+        """
+        states = read_overrides(self.store, now_ns, self.private_key.public_key())
+        out, applied, ignored = apply_overrides(topology, states, now_ns)
+        text = "; ".join(
+            f"{a.domain} {a.budget_w:g} W"
+            + (f" (asked {a.requested_w:g} W, topology {a.topology_w:g} W)" if a.capped else "")
+            + f" for {(a.expires_ns - now_ns) / 1e9:.0f} s"
+            for a in applied
+        )
+        key = (tuple((a.domain, a.budget_w, a.expires_ns) for a in applied), tuple(ignored))
+        if key != self._logged_overrides:
+            self._logged_overrides = key
+            if applied:
+                log.warning("budget overrides in force: %s", text)
+            elif self.stats.overrides_in_force:
+                log.info("budget overrides ended: the topology's budgets apply")
+            for why in ignored:
+                log.warning("budget override ignored: %s", why)
+        self.stats.overrides_in_force = len(applied)
+        return out
+
+    def _reverted_hosts(self, now_ns: int) -> frozenset[str]:
+        """Hosts whose newest part is a live revert (``dcenergy revert``): one aggregate read.
+
+        The service publishes nothing for them until the revert ends, so an
+        emergency stop is not undone by the next plan. Changes are logged once.
+        """
+        hosts = frozenset(
+            h
+            for h, p in newest_parts(self.store, now_ns).items()
+            if p.revert and p.expires_ns > now_ns
+        )
+        if hosts != self._logged_reverts:
+            if hosts:
+                log.warning(
+                    "not publishing for %d reverted hosts until their revert ends: %s",
+                    len(hosts),
+                    ", ".join(sorted(hosts)),
+                )
+            else:
+                log.info("no host is reverted any more: publishing for every host")
+            self._logged_reverts = hosts
+        self.stats.reverted_hosts = len(hosts)
+        return hosts
 
     def _solve(self, problem: Problem, fits: Mapping[str, CurveFit], now_ns: int) -> Plan:
         result = solve_capping(problem, self.method, fits=fits)  # type: ignore[arg-type]
@@ -301,7 +370,14 @@ class OptimizerService:
         limit = self._policy.consolidation.time_limit_s
         return solve_consolidation(cp, time_limit_s=limit).to_json()
 
-    def _publish(self, plan: Plan, now_ns: int) -> list[SignedPart]:
+    def _publish(
+        self, plan: Plan, now_ns: int, *, skip_hosts: frozenset[str] = frozenset()
+    ) -> list[SignedPart]:
+        doc = plan_to_json(plan)
+        if skip_hosts:
+            doc["setpoints"] = [s for s in doc["setpoints"] if s.get("host") not in skip_hosts]
+            if not doc["setpoints"]:
+                return []  # every host is reverted: nothing to publish
         seq = max(now_ns, self.last_seq + 1)
         # Write-ahead: the seq is on disk before any agent can see it.
         self._save_state(last_seq=seq)
@@ -309,7 +385,7 @@ class OptimizerService:
         # fetch the newest part by point time, so that must rise with seq as well.
         next_plan_ns = now_ns + int(self.config.optimizer.interval_s * 1e9)
         signed = publish(
-            plan_to_json(plan),
+            doc,
             self.store,
             self.private_key,
             seq,

@@ -23,12 +23,15 @@ import typer.main
 
 from dcenergy.cli import (
     agent_cmd,
+    budget_cmd,
     config_cmd,
     optimize_cmd,
     optimizer_cmd,
     plan_cmd,
+    revert_cmd,
     sim_cmd,
     slurm_cmd,
+    status_cmd,
 )
 from dcenergy.cli.context import State
 from dcenergy.errors import EX_INTERRUPTED, EX_SOFTWARE, EXIT_CODES, DcenergyError
@@ -145,20 +148,40 @@ app.add_typer(optimizer_cmd.app, name="optimizer")
 optimize_cmd.register(app)
 plan_cmd.register(app)
 sim_cmd.register(app)
+status_cmd.register(app)
+revert_cmd.register(app)
+budget_cmd.register(app)
 slurm_cmd.register(app)
+
+
+def _is_check(args: list[str]) -> bool:
+    """Whether the command line runs ``dcenergy check`` (Nagios' exit codes)."""
+    rest = iter(args)
+    for tok in rest:
+        if _global_token(tok) == 2:
+            next(rest, None)
+        elif not tok.startswith("-"):
+            return tok == "check"
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning our errors into one line and an exit code."""
     args = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in args
+    status_cmd.check_exit["code"] = None
     try:
         command = typer.main.get_command(app)
         command.main(
             args=hoist_global_options(args, command), prog_name="dcenergy", standalone_mode=True
         )
     except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
+        code = int(e.code or 0) if not isinstance(e.code, str) else 1
+        # click's usage error (exit 2) would read as CRITICAL to a monitoring system
+        if code == 2 and status_cmd.check_exit["code"] != 2 and _is_check(args):
+            typer.echo("DCENERGY UNKNOWN - bad command line (see dcenergy check --help)")
+            return 3
+        return code
     except DcenergyError as e:
         if debug:
             raise
