@@ -249,7 +249,7 @@ class JobPolicy:
     def describe(self) -> str:
         """One line for reports: which source set which field (``default`` when none did)."""
         by_source: dict[str, list[str]] = {}
-        for k, src in self.sources.items():
+        for k, src in sorted(self.sources.items(), key=lambda kv: list(JOB_FIELDS).index(kv[0])):
             by_source.setdefault(src, []).append(f"{k}={_fmt(getattr(self, k))}")
         parts = [f"{src}: {', '.join(fields)}" for src, fields in by_source.items()]
         text = "; ".join(parts) if parts else "default"

@@ -19,8 +19,8 @@ def _table(header: list[str], rows: list[list[str]], *, text_last: bool = False)
     ]
     last = len(widths) - 1 if text_last else 0
     fmt = "  ".join(f"{{:<{w}}}" if i in (0, last) else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [
-        fmt.format(*r) for r in rows
+    return [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))] + [
+        fmt.format(*r).rstrip() for r in rows
     ]
 
 

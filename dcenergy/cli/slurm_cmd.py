@@ -239,27 +239,34 @@ def job_energy(
         result = compute(store, job, start_ns, max(end_ns, start_ns + 1))
     finally:
         store.close()
-    how = ""
     comment = result.admin_comment(info.admin_comment)
+    # the figure first: an epilog's log keeps it even when Slurm refuses the comment
+    how, error = "", None
     if write:
-        how = client.set_admin_comment(job, comment)
+        try:
+            how = client.set_admin_comment(job, comment)
+        except SlurmError as e:
+            error = e
     if as_json:
+        doc = {**result.to_json(), "admin_comment": comment, "written": how or None}
+        if error is not None:
+            doc["write_error"] = error.message
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        patched = sum(g.patched for g in result.gpus)
         typer.echo(
-            json.dumps(
-                {**result.to_json(), "admin_comment": comment, "written": how or None}, indent=2
-            )
+            f"job {job}: {result.kwh:.4f} kWh of GPU energy on {len(result.gpus)} GPU(s) "
+            f"({(end_ns - start_ns) / 1e9:.0f} s)"
+            + (f"; {patched} bucket(s) of a restarted counter from mean power" if patched else "")
         )
-        return
-    patched = sum(g.patched for g in result.gpus)
-    typer.echo(
-        f"job {job}: {result.kwh:.4f} kWh of GPU energy on {len(result.gpus)} GPU(s) "
-        f"({(end_ns - start_ns) / 1e9:.0f} s)"
-        + (f"; {patched} bucket(s) of a restarted counter from mean power" if patched else "")
-    )
-    if result.no_counter:
-        typer.echo(f"  GPUs without an energy counter (left out): {', '.join(result.no_counter)}")
-    if write:
-        typer.echo(f"  AdminComment: {comment} (through {how})")
+        if result.no_counter:
+            typer.echo(
+                f"  GPUs without an energy counter (left out): {', '.join(result.no_counter)}"
+            )
+        if how:
+            typer.echo(f"  AdminComment: {comment} (through {how})")
+    if error is not None:
+        raise error
 
 
 def register(app: typer.Typer) -> None:
