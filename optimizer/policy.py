@@ -181,10 +181,12 @@ class Policy:
         facts = dict(facts or {})
         notes: list[str] = []
         comment_sets: dict[str, float | bool] = {}
-        if self.comment is not None and "comment" in facts:
-            pairs = parse_comment(facts["comment"], self.comment.key)
+        if "comment" in facts:  # rules match comment.<key> with or without a job_comment section
+            key = self.comment.key if self.comment is not None else DEFAULT_COMMENT_KEY
+            pairs = parse_comment(facts["comment"], key)
             facts.update({f"comment.{k}": v for k, v in pairs.items()})
-            comment_sets, notes = self._comment_values(pairs)
+            if self.comment is not None:
+                comment_sets, notes = self._comment_values(pairs)
         decided: set[str] = set()
         for rule in self.rules:
             if not rule.matches(facts):
@@ -516,12 +518,17 @@ def _parse_consolidation_policy(r: _Reader, raw: object) -> ConsolidationPolicy:
             if "time_limit_s" in c
             else 10.0
         ),
-        drain_reason=(
-            r.string(c["drain_reason"], f"{p}.drain_reason")
-            if "drain_reason" in c
-            else DEFAULT_DRAIN_REASON
-        ),
+        drain_reason=_drain_reason(r, c, p),
     )
+
+
+def _drain_reason(r: _Reader, c: Mapping[str, Any], p: str) -> str:
+    if "drain_reason" not in c:
+        return DEFAULT_DRAIN_REASON
+    reason = r.string(c["drain_reason"], f"{p}.drain_reason")
+    if not reason.startswith("dcenergy:"):
+        raise r.fail(f"{p}.drain_reason", "must start 'dcenergy:' (how its drains are known)")
+    return reason
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -82,6 +82,12 @@ def test_comment_values_users_cannot_have_are_ignored_and_named() -> None:
     assert "exempt=1 ignored (not in job_comment.allow)" in text
 
 
+def test_rules_match_comment_keys_without_a_job_comment_section() -> None:
+    p = parse_policy({k: v for k, v in POLICY.items() if k != "job_comment"}, "p")
+    jp = p.resolve({"comment": "dcenergy:class=critical,weight=2"}, 0.1)
+    assert jp.exempt and jp.weight == 1.0  # matched, but the comment itself sets nothing
+
+
 def test_defaults_and_unknown_jobs() -> None:
     p = _policy()
     jp = p.resolve(None, 0.15)
@@ -134,6 +140,7 @@ def test_parse_comment(text: str, expected: dict[str, str]) -> None:
             "consolidation.nodes.gpu-1.may",
         ),
         (lambda d: d.update(slurm={"cache_ttl": 5}), "slurm.cache_ttl"),
+        (lambda d: d["consolidation"].update(drain_reason="power"), "consolidation.drain_reason"),
     ],
 )
 def test_bad_fields_are_one_error_naming_the_json_path(mutate: Any, field: str) -> None:
