@@ -1,7 +1,12 @@
 """Build the dcenergy Grafana dashboards (InfluxQL) into ``dashboards/*.json``, deterministically.
 
-    python dashboards/build.py          # (re)write the four dashboards
+    python dashboards/build.py          # (re)write the four dashboards and the alert rules
     python dashboards/build.py --check  # exit 1 when a committed file differs from a rebuild
+
+The alert rules (``provisioning/alerting/dcenergy.yaml``, Grafana unified
+alerting, file provisioning ``apiVersion: 1``) are built here too, from the
+same query builders as the panels; their queries have no dashboard variables
+(alerting has none) and group by the tags an alert is about (host, GPU, domain).
 
 The JSON files are committed (Grafana's file provider reads them as they are);
 ``tests/dashboards`` checks that a rebuild equals them, that every query names
@@ -33,6 +38,10 @@ from typing import Any
 Json = dict[str, Any]
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run as a script from a checkout: dcenergy importable
+
+from dcenergy.schema import AUDIT_ACTIONS  # noqa: E402 (after the path)
+
 DS_UID = "dcenergy-influxdb"
 DS: Json = {"type": "influxdb", "uid": DS_UID}
 SCHEMA_VERSION = 39
@@ -60,14 +69,21 @@ THROTTLE_BITS: tuple[tuple[str, int], ...] = (
     ("hw_power_brake", 0x80),
 )
 
-ACTION_COLORS = {
+_ACTION_COLOR = {
     "applied": "green",
     "clamped": "yellow",
     "refused": "red",
     "restored": "blue",
+    "reverted": "purple",
     "error": "dark-red",
     "thermal": "orange",
+    "drift": "light-yellow",
 }
+# Every action the reconciler writes (dcenergy.schema.AUDIT_ACTIONS); a new one without a
+# colour here stops the build (KeyError) instead of showing up uncoloured.
+ACTION_COLORS = {a: _ACTION_COLOR[a] for a in AUDIT_ACTIONS}
+# The agent's drop counters: dropped_<reason>_total (dcenergy.schema.AGENT).
+DROP_REASONS = ("overflow", "rejected", "partial", "corrupt", "disk_full")
 
 
 # --- query fragments shared by several panels ------------------------------
@@ -133,6 +149,19 @@ def gpu_states(over_time: bool) -> list[Json]:
         target(gpu_state_count(state, inner, cond, over_time), alias=state)
         for state, inner, cond in spec
     ]
+
+
+def audit_count(where: str, group: str, alias: str = "actions") -> str:
+    """Setpoint actions (every audit point has a ``plan_id``, '' when none) per group."""
+    return f'SELECT count("plan_id") AS "{alias}" FROM "audit" WHERE {where} {group}'
+
+
+def counter_rise(field: str, alias: str, where: str, group: str) -> str:
+    """Growth of an agent counter per interval (a restart's reset is not counted as growth)."""
+    return (
+        f'SELECT non_negative_difference(max("{field}")) AS "{alias}" '
+        f'FROM "agent" WHERE {where} {group}'
+    )
 
 
 # --- JSON building blocks ----------------------------------------------------
@@ -1409,22 +1438,43 @@ def optimizer() -> Board:
         ),
         w=12,
     )
+    b.add(
+        panel(
+            "table",
+            "Budget overrides",
+            [
+                target(
+                    'SELECT last("watts") AS "watts", last("expires_ns") / 1000000 AS "expires", '
+                    'last("allow_raise") AS "allow_raise", last("cleared") AS "cleared" '
+                    f'FROM "budget_override" WHERE {F_DOMAIN} GROUP BY "domain"',
+                    fmt="table",
+                )
+            ],
+            description="The newest budget override of each domain set in the range "
+            "(dcenergy budget set, demand response): the budget the optimizer uses until it "
+            "expires, never above the topology's own unless allow_raise; cleared: ended "
+            "early (dcenergy budget clear). The domain's budget in the plans above is the "
+            "one in force.",
+            overrides=[
+                by_name("watts", unit="watt"),
+                by_name("expires", unit="dateTimeFromNow"),
+                by_name("Time", **{"custom.hidden": True}),
+            ],
+        ),
+        w=24,
+        h=5,
+    )
 
     b.row("Setpoint audit")
     b.add(
         panel(
             "stat",
             "Actions in range",
-            [
-                target(
-                    f'SELECT count("plan_id") AS "actions" FROM "audit" WHERE {F_AUDIT} '
-                    'GROUP BY "action"',
-                    alias="$tag_action",
-                )
-            ],
+            [target(audit_count(F_AUDIT, 'GROUP BY "action"'), alias="$tag_action")],
             description="Setpoint actions the agents reported: applied, clamped to the "
             "hardware's range, refused (unsigned, badly signed or expired plan), restored "
-            "to the default (lease lapsed), error, thermal guard.",
+            "to the default (lease lapsed), reverted (dcenergy revert), error, thermal "
+            "guard, drift (the enforced limit is not the one set).",
             options={"colorMode": "background"},
             overrides=[
                 by_name(a, color={"mode": "fixed", "fixedColor": c})
@@ -1437,13 +1487,7 @@ def optimizer() -> Board:
         panel(
             "timeseries",
             "Actions over time",
-            [
-                target(
-                    f'SELECT count("plan_id") AS "actions" FROM "audit" WHERE {F_AUDIT} '
-                    f'{BY_TIME}, "action" fill(none)',
-                    alias="$tag_action",
-                )
-            ],
+            [target(audit_count(F_AUDIT, f'{BY_TIME}, "action" fill(none)'), alias="$tag_action")],
             description="Setpoint actions per interval, by action.",
             custom=bars(),
             overrides=[
@@ -1515,13 +1559,15 @@ def optimizer() -> Board:
             [
                 target(
                     'SELECT last("plan_id") AS "plan_id", last("seq") AS "seq", '
-                    'last("expires_ns") / 1000000 AS "expires" '
+                    'last("expires_ns") / 1000000 AS "expires", last("revert") AS "revert" '
                     f'FROM "plan_part" WHERE {F_HOST} GROUP BY "host"',
                     fmt="table",
                 )
             ],
             description="The newest signed part of a plan the optimizer wrote for each host, "
-            "and when it expires (after which the agent restores the defaults).",
+            "and when it expires (after which the agent restores the defaults); revert: an "
+            "emergency revert (dcenergy revert) holds the host's GPUs at their saved limits "
+            "until then, and the optimizer skips the host.",
             overrides=[
                 by_name("expires", unit="dateTimeFromNow"),
                 by_name("Time", **{"custom.hidden": True}),
@@ -1721,15 +1767,16 @@ def agent_health() -> Board:
             "Points dropped in range",
             [
                 target(
-                    'SELECT sum("o") AS "overflow", sum("r") AS "rejected", sum("p") AS "partial" '
-                    'FROM (SELECT spread("dropped_overflow_total") AS "o", '
-                    'spread("dropped_rejected_total") AS "r", '
-                    'spread("dropped_partial_total") AS "p" '
-                    f'FROM "agent" WHERE {F_HOST} GROUP BY "host")'
+                    "SELECT "
+                    + ", ".join(f'sum("{r}") AS "{r}"' for r in DROP_REASONS)
+                    + " FROM (SELECT "
+                    + ", ".join(f'spread("dropped_{r}_total") AS "{r}"' for r in DROP_REASONS)
+                    + f' FROM "agent" WHERE {F_HOST} GROUP BY "host")'
                 )
             ],
             description="Points lost, by reason: spool full (oldest dropped first), rejected "
-            "by the store (4xx), dropped by a partial write.",
+            "by the store (4xx), dropped by a partial write, lost in a damaged spool "
+            "(corrupt), no room on the state disk (disk_full).",
             th=thresholds(("green", None), ("red", 1)),
             options={"colorMode": "background"},
         ),
@@ -1741,10 +1788,12 @@ def agent_health() -> Board:
             "Drops by reason",
             [
                 target(
-                    'SELECT non_negative_difference(max("dropped_overflow_total")) AS "overflow", '
-                    'non_negative_difference(max("dropped_rejected_total")) AS "rejected", '
-                    'non_negative_difference(max("dropped_partial_total")) AS "partial" '
-                    f'FROM "agent" WHERE {F_HOST} {per_host}',
+                    "SELECT "
+                    + ", ".join(
+                        f'non_negative_difference(max("dropped_{r}_total")) AS "{r}"'
+                        for r in DROP_REASONS
+                    )
+                    + f' FROM "agent" WHERE {F_HOST} {per_host}',
                     alias="$tag_host $col",
                 )
             ],
@@ -1757,13 +1806,7 @@ def agent_health() -> Board:
         panel(
             "timeseries",
             "Errors",
-            [
-                target(
-                    'SELECT non_negative_difference(max("errors_total")) AS "errors" '
-                    f'FROM "agent" WHERE {F_HOST} {per_host}',
-                    alias="$tag_host",
-                )
-            ],
+            [target(counter_rise("errors_total", "errors", F_HOST, per_host), alias="$tag_host")],
             description="Errors met per interval (device, store, collector).",
             custom=bars(),
         ),
@@ -1790,6 +1833,320 @@ def agent_health() -> Board:
     return b
 
 
+# --- 5. alert rules (Grafana unified alerting) ---------------------------------
+ALERTS_FILE = "provisioning/alerting/dcenergy.yaml"
+ALERT_FOLDER = "dcenergy"
+ALERT_INTERVAL = "1m"
+RULE_UID_PREFIX = "dcenergy-"
+SILENT_BUCKETS = 3  # 1-minute buckets, the current one included: silent for 2 to 3 minutes
+
+
+def agent_samples_recently() -> str:
+    """Per host and minute, the mean count of agent points over the last three minutes.
+
+    ``fill(0)`` gives every host seen in the rule's range a row per minute up to now,
+    so a silent host reads 0 instead of vanishing (an alert needs a series to fire on);
+    the moving average's last value is 0 once no point came in the last 2-3 minutes.
+    """
+    return (
+        f'SELECT moving_average(count("samples_total"), {SILENT_BUCKETS}) AS "samples" '
+        f'FROM "agent" WHERE {T} GROUP BY time(1m), "host" fill(0)'
+    )
+
+
+def rising(field: str, alias: str) -> str:
+    """How much an agent counter rose over the rule's range, per host."""
+    return (
+        f'SELECT sum("d") AS "{alias}" FROM ('
+        + counter_rise(field, "d", T, 'GROUP BY time(1m), "host"')
+        + ') GROUP BY "host"'
+    )
+
+
+def plans_with_status(pattern: str, alias: str) -> str:
+    return f'SELECT count("status") AS "{alias}" FROM "plan" WHERE {T} AND "status" =~ /{pattern}/'
+
+
+def alert(
+    uid: str,
+    title: str,
+    query: str,
+    *,
+    range_s: int,
+    op: str,
+    value: float,
+    for_: str,
+    severity: str,
+    summary: str,
+    description: str,
+    no_data: str = "OK",
+) -> Json:
+    """One rule: A (the InfluxQL query), B (each series' last value), C (B ``op`` value)."""
+    return {
+        "uid": RULE_UID_PREFIX + uid,
+        "title": title,
+        "condition": "C",
+        "data": [
+            {
+                "refId": "A",
+                "relativeTimeRange": {"from": range_s, "to": 0},
+                "datasourceUid": DS_UID,
+                "model": {
+                    "refId": "A",
+                    "datasource": DS,
+                    "rawQuery": True,
+                    "query": query,
+                    "resultFormat": "time_series",
+                    "intervalMs": 60000,
+                    "maxDataPoints": 43200,
+                },
+            },
+            {
+                "refId": "B",
+                "datasourceUid": "__expr__",
+                "model": {
+                    "refId": "B",
+                    "datasource": {"type": "__expr__", "uid": "__expr__"},
+                    "type": "reduce",
+                    "expression": "A",
+                    "reducer": "last",
+                    "settings": {"mode": "dropNN"},
+                },
+            },
+            {
+                "refId": "C",
+                "datasourceUid": "__expr__",
+                "model": {
+                    "refId": "C",
+                    "datasource": {"type": "__expr__", "uid": "__expr__"},
+                    "type": "threshold",
+                    "expression": "B",
+                    "conditions": [{"evaluator": {"type": op, "params": [value]}}],
+                },
+            },
+        ],
+        "noDataState": no_data,
+        "execErrState": "Error",
+        "for": for_,
+        "annotations": {"summary": summary, "description": description},
+        "labels": {"severity": severity, "service": "dcenergy"},
+        "isPaused": False,
+    }
+
+
+def alert_rules() -> Json:
+    """The alert rules provisioning document: one group per concern, evaluated every minute."""
+    actions = 'AND "action" = '
+    power = [
+        alert(
+            "domain-over-budget",
+            "Power domain over its budget",
+            f'SELECT last("measured_w") - last("budget_w") AS "over_w" FROM "plan_domain" '
+            f'WHERE {T} GROUP BY "domain"',
+            range_s=900,
+            op="gt",
+            value=0,
+            for_="10m",
+            severity="critical",
+            summary="Domain {{ $labels.domain }} draws {{ $values.B }} W over its budget",
+            description="The domain's measured power (GPU draw plus its non-GPU baseline, over "
+            "the optimizer's window) has been above its budget (override included) for 10 "
+            "minutes: the plan cannot hold it, or agents do not apply it.",
+        ),
+        alert(
+            "plan-infeasible",
+            "Plan is best effort: a budget cannot be met",
+            plans_with_status("^best-effort", "plans"),
+            range_s=900,
+            op="gt",
+            value=0,
+            for_="0s",
+            severity="warning",
+            summary="The optimizer could not meet every budget",
+            description="A plan of the last 15 minutes is best effort (solver status "
+            "best-effort): even at their lowest caps the GPUs exceed a budget.",
+        ),
+        alert(
+            "jobs-past-allowance",
+            "Jobs slowed past their allowed slowdown",
+            plans_with_status("floors", "plans"),
+            range_s=900,
+            op="gt",
+            value=0,
+            for_="0s",
+            severity="warning",
+            summary="A plan slows jobs past their allowed slowdown",
+            description="A plan of the last 15 minutes relaxed (or ignored) the jobs' "
+            "slowdown floors to meet a budget: some jobs run slower than they are allowed.",
+        ),
+    ]
+    agents = [
+        alert(
+            "agent-silent",
+            "Agent silent",
+            agent_samples_recently(),
+            range_s=3600,
+            op="lt",
+            value=0.01,
+            for_="0s",
+            severity="critical",
+            summary="Agent on {{ $labels.host }} silent for 2 minutes",
+            description="No agent sample from the host for 2 to 3 minutes (it reported within "
+            "the last hour; after an hour of silence the alert resolves, dcenergy status "
+            "and check still report the host): the agent, the node or its path to the "
+            "store is down.",
+            no_data="Alerting",
+        ),
+        *[
+            alert(
+                f"drops-{r.replace('_', '-')}",
+                f"Points dropped ({r.replace('_', ' ')})",
+                rising(f"dropped_{r}_total", "dropped"),
+                range_s=900,
+                op="gt",
+                value=0,
+                for_="0s",
+                severity="critical",
+                summary=f"{{{{ $labels.host }}}} dropped {{{{ $values.B }}}} points ({r})",
+                description=f"The agent's dropped_{r}_total rose in the last 15 minutes: "
+                "telemetry was lost (see Agent health, Drops and errors).",
+            )
+            for r in DROP_REASONS
+        ],
+        alert(
+            "agent-errors",
+            "Agent errors (store writes, devices, collectors)",
+            rising("errors_total", "errors"),
+            range_s=900,
+            op="gt",
+            value=0,
+            for_="5m",
+            severity="warning",
+            summary="{{ $labels.host }}: {{ $values.B }} agent errors in 15 minutes",
+            description="The agent keeps meeting errors (errors_total rising for 5 minutes); "
+            "its last_error (Agent health, Last error per host) says which, often a store "
+            "that refuses writes.",
+        ),
+        alert(
+            "gpu-lost",
+            "GPU lost",
+            'SELECT count("lost") AS "lost" FROM "gpu" '
+            f'WHERE {T} AND "lost" = true GROUP BY "host", "gpu_uuid"',
+            range_s=300,
+            op="gt",
+            value=0,
+            for_="0s",
+            severity="warning",
+            summary="GPU {{ $labels.gpu_uuid }} on {{ $labels.host }} is lost",
+            description="The GPU fell off the bus (NVML reports it lost): it needs a reset "
+            "or the node a reboot.",
+        ),
+    ]
+    setpoints = [
+        alert(
+            "part-refused",
+            "Plan part refused",
+            audit_count(f"{T} {actions}'refused'", 'GROUP BY "host"', "refused"),
+            range_s=600,
+            op="gt",
+            value=0,
+            for_="0s",
+            severity="critical",
+            summary="{{ $labels.host }} refused a plan part",
+            description="The agent refused a part (unsigned, badly signed, other key, expired, "
+            "replayed, unknown GPU): see the Audit log for the reason.",
+        ),
+        alert(
+            "lease-lapsed",
+            "Lease lapsed: GPUs restored",
+            audit_count(f"{T} {actions}'restored'", 'GROUP BY "host"', "restored"),
+            range_s=600,
+            op="gt",
+            value=0,
+            for_="0s",
+            severity="warning",
+            summary="{{ $labels.host }} restored {{ $values.B }} GPUs to their saved limits",
+            description="The agent restored GPUs: its plan lease lapsed (the optimizer is down "
+            "or its parts are refused) or the GPUs left the plan.",
+        ),
+        alert(
+            "thermal-guard",
+            "Thermal guard active",
+            audit_count(f"{T} {actions}'thermal'", 'GROUP BY "host"', "thermal"),
+            range_s=600,
+            op="gt",
+            value=0,
+            for_="0s",
+            severity="warning",
+            summary="Thermal guard capped GPUs on {{ $labels.host }}",
+            description="A GPU reached reconciler.thermal_limit_c and the agent lowered its cap "
+            "whatever the plan says.",
+        ),
+    ]
+    return {
+        "apiVersion": 1,
+        "groups": [
+            {
+                "orgId": 1,
+                "name": name,
+                "folder": ALERT_FOLDER,
+                "interval": ALERT_INTERVAL,
+                "rules": rules,
+            }
+            for name, rules in (
+                ("dcenergy-power", power),
+                ("dcenergy-agents", agents),
+                ("dcenergy-setpoints", setpoints),
+            )
+        ],
+    }
+
+
+def to_yaml(value: Any, indent: int = 0) -> str:
+    """Deterministic block YAML for JSON-like data; every string double-quoted (JSON escapes
+    are YAML's), so no value is ever read as another type."""
+    pad = " " * indent
+
+    def scalar(v: Any) -> str:
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return json.dumps(v)
+        return json.dumps(str(v), ensure_ascii=False)
+
+    if isinstance(value, dict):
+        if not value:
+            return pad + "{}\n"
+        out = []
+        for k, v in value.items():
+            if isinstance(v, dict | list) and v:
+                out.append(f"{pad}{k}:\n{to_yaml(v, indent + 2)}")
+            else:
+                empty = "[]" if isinstance(v, list) else "{}"
+                out.append(f"{pad}{k}: {empty if isinstance(v, dict | list) else scalar(v)}\n")
+        return "".join(out)
+    if isinstance(value, list):
+        out = []
+        for v in value:
+            if isinstance(v, dict | list) and v:
+                body = to_yaml(v, indent + 2)
+                out.append(f"{pad}- {body[indent + 2 :]}")
+            else:
+                out.append(f"{pad}- {scalar(v)}\n")
+        return "".join(out)
+    return pad + scalar(value) + "\n"
+
+
+def alerts_yaml() -> str:
+    head = (
+        "# Generated by dashboards/build.py from the dashboards' query builders: do not edit.\n"
+        "# Grafana unified alerting, file provisioning (docs/dashboards.md, Alerts).\n"
+    )
+    return head + to_yaml(alert_rules())
+
+
 # --- entry point ---------------------------------------------------------------
 BOARDS = {
     "fleet-energy.json": fleet,
@@ -1800,11 +2157,13 @@ BOARDS = {
 
 
 def build_all() -> dict[str, str]:
-    """File name -> JSON text of every dashboard."""
-    return {
+    """File name (relative to dashboards/) -> text: every dashboard's JSON, the alert rules."""
+    out = {
         name: json.dumps(make().json(), indent=2, ensure_ascii=False) + "\n"
         for name, make in BOARDS.items()
     }
+    out[ALERTS_FILE] = alerts_yaml()
+    return out
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -1821,6 +2180,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.check:
             stale.append(name)
         else:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path}")
     if stale:

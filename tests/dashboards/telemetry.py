@@ -180,15 +180,19 @@ def _agent_points(t: int, i: int) -> list[Point]:
         overflow = max(0, min(i, 120) - 110) * 7 if host == "gpu-a02" else 0
         rejected = 3 if host == "gpu-b01" and i > 40 else 0
         partial = 2 if host == "gpu-a01" and i > 75 else 0
+        corrupt = 4 if host == "gpu-a01" and i > 60 else 0  # a damaged spool salvaged
+        disk_full = 6 if host == "gpu-b01" and i > 20 else 0
         errors = i // 30 if host == "gpu-b01" else 0
         spooled = i * 8
         fields: dict[str, schema.FieldValue | None] = {
             "samples_total": i + 1,
             "points_spooled_total": spooled,
-            "points_shipped_total": spooled - depth - overflow - rejected - partial,
+            "points_shipped_total": spooled - depth - overflow - rejected - partial - corrupt,
             "dropped_overflow_total": overflow,
             "dropped_rejected_total": rejected,
             "dropped_partial_total": partial,
+            "dropped_corrupt_total": corrupt,
+            "dropped_disk_full_total": disk_full,
             "errors_total": errors,
             "spool_depth": depth,
             "spool_bytes": 4096 + depth * 180,
@@ -250,6 +254,22 @@ def _plan_points(t: int, n: int) -> list[Point]:
                     "seq": n,
                     "payload": json.dumps(part, sort_keys=True, separators=(",", ":")),
                     "expires_ns": t + 15 * 60 * S,
+                    "revert": False,
+                },
+                t,
+            )
+        )
+    if n == 8:  # demand response: the facility's budget lowered for two hours
+        out.append(
+            point(
+                schema.BUDGET_OVERRIDE,
+                {"domain": "facility"},
+                {
+                    "watts": 10_000.0,
+                    "expires_ns": t + 2 * 3600 * S,
+                    "allow_raise": False,
+                    "cleared": False,
+                    "payload": "{}",
                 },
                 t,
             )
@@ -279,6 +299,10 @@ def _audit_points(t: int, plan_id: str, n: int) -> list[Point]:
             extra["sm_clock_max_mhz"] = 1410.0
         elif g.host == "gpu-a02" and g.index == 0 and n == 7:
             action, reason, applied = "error", "NVML: insufficient permissions", None
+        elif g.host == "gpu-a02" and g.index == 1 and n == 3:
+            action, reason = "drift", "enforced 650 W, applied 700 W"
+        elif g.host == "gpu-b01" and n == 4:
+            action, reason, requested = "reverted", "revert", default
         fields: dict[str, schema.FieldValue | None] = {
             "reason": reason,
             "plan_id": plan_id,
