@@ -48,6 +48,7 @@ as a bottom-up truncation over the domain tree, vectorised with numpy.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -664,6 +665,54 @@ def _fill_headroom(
     return np.asarray(np.clip(caps, m.grp_lo, m.grp_hi), dtype=float)
 
 
+# --- setpoint resolution -------------------------------------------------------
+
+MW: Final = 1e-3  # setpoints are milliwatts: what NVML takes and what a plan part encodes
+
+
+def _round_down_mw(m: _Model, grp_caps: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """Caps at 1 mW resolution that keep every budget the solver kept.
+
+    Rounding to the nearest mW would put a domain of n GPUs up to n/2 mW over
+    its budget (the solver fills budgets exactly), so caps are rounded down
+    (never below the group's minimum). Where a domain is still over, within
+    the solver's tolerance, its groups above their minimum are lowered by
+    whole mW until it fits (a synchronous job keeps one common cap).
+    Domains with no room at the minimum caps (infeasible) are left as they are.
+    """
+    if not len(grp_caps):
+        return grp_caps
+    # within 1 µW of the next mW is the solver's tolerance, not a choice: snap it up
+    caps = np.floor(grp_caps * 1000.0 + 1e-3) / 1000.0
+    caps = np.clip(caps, m.grp_lo, m.grp_hi)
+    ok_dom = m.room >= 0.0
+    tol = 1e-6 + 1e-9 * m.budget  # what counts as over (as in budget_violations)
+    for _ in range(8):
+        over = (m.dom_grp @ (caps - m.grp_lo)) - room
+        bad = np.nonzero(ok_dom & (over > tol))[0]
+        if not len(bad):
+            break
+        for d in bad:  # rare: where snapping or the solver's tolerance left a domain over
+            row = m.dom_grp.getrow(int(d))
+            # fresh: fixing another domain may have fixed this one
+            left = float((row @ (caps - m.grp_lo))[0]) - room[d]
+            if left <= tol[d]:
+                continue
+            g = row.indices[caps[row.indices] - m.grp_lo[row.indices] >= MW - 1e-9]
+            g = g[np.argsort(-caps[g], kind="stable")]  # the largest caps give first
+            n = np.asarray(m.dom_grp[int(d), g].toarray()).ravel()
+            if not len(g):
+                continue
+            units = math.ceil(left / MW - 1e-6)  # GPU-mW to take off
+            if units <= n.sum():
+                take = g[: int(np.searchsorted(np.cumsum(n), units)) + 1]
+                caps[take] = caps[take] - MW
+            else:
+                step = math.ceil(units / n.sum()) * MW
+                caps[g] = np.maximum(caps[g] - step, m.grp_lo[g])
+    return caps
+
+
 # --- entry point ----------------------------------------------------------------
 
 
@@ -717,6 +766,7 @@ def solve_capping(
         used = "lp"
     if problem.objective.kind == "budget" and len(grp_caps):
         grp_caps = _fill_headroom(m, grp_caps, room)
+    grp_caps = _round_down_mw(m, grp_caps, room)
     ev = _evaluate_groups(m, grp_caps)
     if infeasible:
         status = "best-effort (budget infeasible)"

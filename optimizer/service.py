@@ -64,7 +64,7 @@ from dcenergy.phases import Phases
 from dcenergy.plan import SignedPart
 from dcenergy.publish import newest_parts, publish
 from optimizer.budget_overrides import apply_overrides
-from optimizer.capping import solve_capping
+from optimizer.capping import FastPathNotApplicable, solve_capping
 from optimizer.curves import CurveFit, fit_curves
 from optimizer.plan import Plan, make_plan, plan_to_json
 from optimizer.policy import Policy, SchedulerPolicy, SlurmSource, load_policy
@@ -313,7 +313,12 @@ class OptimizerService:
         return hosts
 
     def _solve(self, problem: Problem, fits: Mapping[str, CurveFit], now_ns: int) -> Plan:
-        result = solve_capping(problem, self.method, fits=fits)  # type: ignore[arg-type]
+        try:
+            result = solve_capping(problem, self.method, fits=fits)  # type: ignore[arg-type]
+        except FastPathNotApplicable as e:
+            # the fleet changed under a fixed method: the LP solves every problem
+            log.warning("method fast does not apply (%s): solved with the LP", e.reason)
+            result = solve_capping(problem, "lp", fits=fits)
         if not result.feasible:
             # Still published: best effort is the closest the fleet can get to its budgets.
             log.warning(

@@ -360,3 +360,51 @@ def test_energy_floor_is_tightened_by_the_fit_margin() -> None:
     # a margin past the allowance leaves the job uncapped (floor = uncapped), never negative
     fits["a"] = dataclasses.replace(fits["a"], slowdown_margin=0.5)
     assert solve_capping(p, fits=fits).caps_w["g0"] == pytest.approx(300)
+
+
+def _per_node_problem(node_w: float, n: int = 10, kind: str = "budget") -> Problem:
+    return parse_problem(
+        {
+            "version": 1,
+            "domains": [{"id": "fac", "budget_w": node_w * n}]
+            + [{"id": f"node{i}", "budget_w": node_w} for i in range(n)],
+            "gpus": [gpu(i, ["fac", f"node{i}"]) for i in range(n)],
+            "jobs": [linear_job(f"j{i}", [f"g{i}"], 1.0) for i in range(n)],
+            "objective": {"kind": kind},
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["lp", "fast"])
+def test_mw_setpoints_never_break_a_budget(method: str) -> None:
+    # every node's budget is 250.0006 W: the solver fills it, and rounding each cap to
+    # the nearest mW (250.001) would put every node 0.4 mW and the facility 4 mW over
+    from optimizer.plan import make_plan
+
+    p = _per_node_problem(250.0006)
+    r = solve_capping(p, method)  # type: ignore[arg-type]
+    assert round(250.0006 - 1e-9, 3) > 250.0006  # what round-half did
+    plan = make_plan(p, r, created_ns=1)
+    caps = {s.gpu: s.power_limit_w for s in plan.setpoints}
+    for i in range(10):
+        assert caps[f"g{i}"] <= 250.0006
+        assert caps[f"g{i}"] == pytest.approx(250.0, abs=1e-3)
+        assert caps[f"g{i}"] * 1000 == pytest.approx(round(caps[f"g{i}"] * 1000), abs=1e-6)
+    assert sum(caps.values()) <= 2500.006
+    assert not r.evaluation.budget_violations
+    assert r.caps_w == caps  # the result's caps are the plan's
+
+
+def test_mw_rounding_fixes_a_domain_the_solver_left_over() -> None:
+    # caps already at whole mW but 0.1 mW over each node (0.3 mW over the facility):
+    # each node's cap is lowered by 1 mW, once
+    import numpy as np
+
+    from optimizer.capping import _build_model, _round_down_mw
+
+    p = _per_node_problem(250.0009, n=3)
+    m = _build_model(p, fit_curves(p))
+    room = np.maximum(m.room, 0.0)
+    caps = _round_down_mw(m, np.full(3, 250.001), room)
+    assert caps.tolist() == pytest.approx([250.0, 250.0, 250.0], abs=1e-9)
+    assert np.all(caps <= 250.0009)

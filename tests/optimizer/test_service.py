@@ -296,6 +296,20 @@ def test_run_publishes_at_once_then_on_schedule_and_sigterm_exits_0(
     assert svc.stats.failures_total == 0
 
 
+def test_method_fast_where_it_does_not_apply_falls_back_to_the_lp(
+    env: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # the fast path solves only 'budget': an energy fleet under method fast must still get plans
+    cfg: Config = env["cfg"]
+    energy = replace(cfg, optimizer=replace(cfg.optimizer, objective="energy"))
+    svc = _service(env, cfg=energy, method="fast")
+    with caplog.at_level(logging.WARNING, logger="optimizer.service"):
+        plan = svc.run_once(env["end"])
+    assert plan is not None and plan.solver.method == "lp"
+    assert svc.stats.failures_total == 0
+    assert any("does not apply" in r.getMessage() for r in caplog.records)
+
+
 def test_run_with_zero_duration_makes_exactly_the_first_run(env: dict[str, Any]) -> None:
     svc = _service(env)
     assert svc.run(duration_s=0) == 0
