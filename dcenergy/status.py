@@ -249,6 +249,11 @@ class FleetStatus:
         }
 
 
+def plural(n: int, word: str) -> str:
+    """``1 host``, ``2 hosts``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
@@ -532,7 +537,14 @@ def _judge(status: FleetStatus, *, fleet: bool = True) -> None:
                 )
         a = h.audit
         if a.get("refused"):
-            add(Finding(CRITICAL, "refused", f"{a['refused']} plan parts refused", h.host))
+            add(
+                Finding(
+                    CRITICAL,
+                    "refused",
+                    f"plan parts refused {a['refused']} times (the audit log says why)",
+                    h.host,
+                )
+            )
         if a.get("restored"):
             add(Finding(WARNING, "restored", f"{a['restored']} GPUs restored", h.host))
         if a.get("error"):
@@ -623,12 +635,14 @@ def nagios(status: FleetStatus) -> tuple[int, list[str]]:
         counts: dict[str, int] = {}
         for f in problems:
             counts[f.code] = counts.get(f.code, 0) + 1
-        text = ", ".join(f"{n} {code_.replace('_', ' ')}" for code_, n in sorted(counts.items()))
+        # most severe first (the findings' order), then in the order they came
+        text = ", ".join(f"{n} {code_.replace('_', ' ')}" for code_, n in counts.items())
         first = problems[0]
         text += f" (first: {first.host + ': ' if first.host else ''}{first.message})"
     else:
         text = (
-            f"{tot['hosts']} hosts, {tot['gpus']} GPUs, {tot['hosts_in_force']} under a plan"
+            f"{plural(tot['hosts'], 'host')}, {plural(tot['gpus'], 'GPU')}, "
+            f"{tot['hosts_in_force']} under a plan"
             + (f", {tot['hosts_reverted']} reverted" if tot["hosts_reverted"] else "")
             + (f", {tot['budget_overrides']} budget overrides" if tot["budget_overrides"] else "")
         )

@@ -128,6 +128,11 @@ def run(
             f"{len(plan.setpoints)} GPUs, seq {service.last_seq}, {plan.solver.status}, "
             f"predicted {plan.before.fleet_power_w:.0f} W -> {plan.after.fleet_power_w:.0f} W, "
             f"expires in {(plan.expires_ns - now) / 1e9:.0f} s"
+            + (
+                f" (not sent to {service.stats.reverted_hosts} reverted hosts)"
+                if service.stats.reverted_hosts
+                else ""
+            )
         )
         if not plan.solver.feasible:
             from dcenergy.errors import BestEffortPlan

@@ -236,6 +236,7 @@ def publish_plan(
                 reader.close()
     target = store if store is not None else open_configured_store(cfg)
     try:
+        _warn_reverted(target, parts, now)
         signed = publish(plan, target, key, now, source=source)
         _write_records(target, plan, now, problem)
     finally:
@@ -249,6 +250,26 @@ def publish_plan(
         err=quiet_stdout,
     )
     return signed
+
+
+def _warn_reverted(store: Store, parts: list[PlanPart], now_ns: int) -> None:
+    """A plan published by hand replaces a live revert (dcenergy revert): say so."""
+    from dcenergy.publish import newest_parts
+
+    try:
+        newest = newest_parts(store, now_ns)
+    except StoreError:
+        return  # the publish itself will report the store
+    hosts = sorted(
+        p.host
+        for p in parts
+        if (n := newest.get(p.host)) is not None and n.revert and n.expires_ns > now_ns
+    )
+    if hosts:
+        typer.echo(
+            f"warning: this plan ends the revert of {', '.join(hosts)} (dcenergy revert)",
+            err=True,
+        )
 
 
 def _write_records(

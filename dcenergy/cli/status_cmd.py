@@ -215,7 +215,7 @@ AUDIT_COLUMNS = (
 
 def render(st: FleetStatus) -> list[str]:
     """The text report: totals, one line per host, then what needs attention."""
-    from dcenergy.status import INFO
+    from dcenergy.status import INFO, plural
     from dcenergy.timespec import format_duration
 
     now = st.now_ns
@@ -223,11 +223,14 @@ def render(st: FleetStatus) -> list[str]:
     when = datetime.fromtimestamp(now / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     lost = f" ({tot['gpus_lost']} lost)" if tot["gpus_lost"] else ""
     silent = f" ({tot['hosts_silent']} silent)" if tot["hosts_silent"] else ""
-    out = [f"fleet: {tot['hosts']} hosts{silent}, {tot['gpus']} GPUs{lost}, at {when}"]
+    out = [
+        f"fleet: {plural(tot['hosts'], 'host')}{silent}, "
+        f"{plural(tot['gpus'], 'GPU')}{lost}, at {when}"
+    ]
     plan = f"newest plan {st.plan.plan_id} ({st.plan.status})" if st.plan else "no plan record"
     out.append(
-        f"  plans: {plan}; {tot['hosts_in_force']} hosts under a lease, "
-        f"{tot['hosts_lapsed']} lapsed, {tot['hosts_reverted']} reverted"
+        f"  plans: {plan}; hosts under a lease {tot['hosts_in_force']}, "
+        f"lapsed {tot['hosts_lapsed']}, reverted {tot['hosts_reverted']}"
     )
     for o in st.live_overrides():
         out.append(

@@ -146,10 +146,27 @@ def test_revert_is_applied_by_the_agents_within_one_poll_and_shown(
     assert "1 reverted" in capsys.readouterr().out.splitlines()[0]
 
     # the optimizer service publishes nothing for node-1 until the revert ends
+    capsys.readouterr()
     assert env.run("optimizer", "run", "--once") in (0, 3)
+    assert "(not sent to 1 reverted hosts)" in capsys.readouterr().out
     parts = newest_parts(env.store, time.time_ns())
     assert parts["node-1"].revert and not parts["node-2"].revert
     assert parts["node-2"].plan_id != "p-450"
+
+    # a plan published by hand ends the revert, and says so
+    now = time.time_ns()
+    plan = {
+        "plan_id": "by-hand",
+        "created_ns": now,
+        "expires_ns": now + 600 * S,
+        "setpoints": [
+            {"gpu": g.identity.uuid, "host": h, "power_limit_w": 400.0} for h, g in env.fleet.gpus()
+        ],
+    }
+    (env.tmp / "plan.json").write_text(json.dumps(plan))
+    assert env.run("apply", str(env.tmp / "plan.json")) == 0
+    assert "warning: this plan ends the revert of node-1" in capsys.readouterr().err
+    assert not newest_parts(env.store, time.time_ns())["node-1"].revert
 
 
 def test_a_silent_agent_makes_status_exit_5_and_check_critical(

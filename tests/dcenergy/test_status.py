@@ -293,7 +293,7 @@ def test_nagios_line_and_perfdata(store: Store) -> None:
     assert values["spool_depth"] == "20000;10000;100000;0"
     assert any(line.startswith("CRITICAL silent-1: agent silent") for line in lines[1:])
     ok_code, ok_lines = nagios(collect(store, NOW, hosts=["ok-1"]))
-    assert ok_code == 0 and ok_lines[0].startswith("DCENERGY OK - 1 hosts, 2 GPUs, 1 under a plan")
+    assert ok_code == 0 and ok_lines[0].startswith("DCENERGY OK - 1 host, 2 GPUs, 1 under a plan")
 
 
 @pytest.mark.parametrize("kind", ["embedded", pytest.param("influx", marks=pytest.mark.influxdb)])
