@@ -179,7 +179,9 @@ class ReconcilerConfig:
     public_key: str = _opt("/etc/dcenergy/plan.pub", help="Ed25519 public key of the optimizer")
     interval_s: float = _opt(10.0, _positive, help="how often to fetch this host's plan part")
     poll_when_due: bool = _opt(
-        False, help="while a lease holds, skip fetches until the part's next plan is due"
+        False,
+        help="while a lease holds, fetch in full only when the next plan is due "
+        "(other ticks ask only for a newer part: a revert is still seen)",
     )
     min_w: float = _opt(0.0, _non_negative, help="local floor for caps (0 = hardware minimum)")
     max_w: float = _opt(0.0, _non_negative, help="local ceiling for caps (0 = hardware max)")
