@@ -167,6 +167,11 @@ class OptimizerConfig:
     slowdown_confidence: float = _opt(
         0.95, _between(0.5, 0.999), help="how sure each job's slowdown floor must be to hold"
     )
+    job_value: str = _opt(
+        "size",
+        _one_of("size", "per_job"),
+        help="budget objective: a job's progress counts per GPU ('size') or per job ('per_job')",
+    )
     price_per_kwh: float = _opt(0.12, _non_negative, help="energy price")
     pue: float = _opt(1.3, help="power usage effectiveness (>= 1)")
     carbon_g_per_kwh: float = _opt(400.0, _non_negative, help="grid carbon intensity")

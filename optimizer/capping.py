@@ -30,8 +30,11 @@ only rows are one per domain (and one per job whose floor binds), which keeps
 
 Objectives (``problem.objective.kind``):
 
-* ``budget``: maximise ``sum_j weight_j * t_j / uncapped_j`` (normalised,
-  weighted throughput, in "job-equivalents").
+* ``budget``: maximise ``sum_j weight_j * K_j * t_j / uncapped_j`` (normalised,
+  weighted throughput in "GPU-equivalents": a job's progress counts in
+  proportion to its size, so the fleet's total work is maximised), or with
+  ``objective.job_value = "per_job"`` ``sum_j weight_j * t_j / uncapped_j``
+  ("job-equivalents": every job's progress alike, whatever its size).
 * ``energy``: minimise ``sum cap`` (the GPU power bound) subject to the floors.
 * ``cost``: maximise ``value_per_unit * 3600 * sum t_j - price * PUE * P / 1000``
   per hour, ``P`` the GPU power bound plus idle and baseline load.
@@ -96,7 +99,7 @@ class Evaluation:
     domain_power_w: dict[str, float]  # predicted draw + baseline
     domain_cap_load_w: dict[str, float]  # the budget-side load: caps + idle + baseline
     budget_violations: tuple[str, ...]  # domains where the cap load exceeds the budget
-    normalized_throughput: float  # sum weight * t / uncapped
+    normalized_throughput: float  # sum weight * t / uncapped (x GPUs with job_value "size")
 
     @property
     def fleet_power_w(self) -> float:
@@ -154,7 +157,8 @@ class _Model:
     job_ids: list[str]
     job_k: np.ndarray
     job_unc: np.ndarray
-    job_w: np.ndarray
+    job_w: np.ndarray  # the problem's weights (floor shortfalls)
+    job_val: np.ndarray  # weight x size (job_value "size") or weight: the budget objective
     job_floor: np.ndarray
     job_draw: np.ndarray
     # segments (positive slope only)
@@ -264,6 +268,9 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     job_k = job_k_i.astype(float)
     job_unc = np.fromiter((f.uncapped for f in job_fits), dtype=float, count=n_jobs)
     job_w = np.fromiter((j.weight for j in jobs), dtype=float, count=n_jobs)
+    # what a job's normalised throughput is worth in the budget objective: per GPU
+    # (the fleet's total work) or per job; shortfalls of floors stay weighted per job
+    job_val = job_w * job_k if problem.objective.job_value == "size" else job_w
     job_s = np.fromiter((j.allowed_slowdown for j in jobs), dtype=float, count=n_jobs)
     # the floor must hold on the true curve, not just the fitted one: take the
     # fit's slowdown margin off what the job may lose (see CurveFit)
@@ -353,6 +360,7 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
         job_k=job_k,
         job_unc=job_unc,
         job_w=job_w,
+        job_val=job_val,
         job_floor=job_floor,
         job_draw=job_draw,
         seg_group=seg_group,
@@ -409,7 +417,7 @@ def _evaluate(m: _Model, caps: np.ndarray, grp_caps: np.ndarray | None = None) -
         domain_power_w={d.id: float(dom_power[i]) for i, d in enumerate(m.problem.domains)},
         domain_cap_load_w={d.id: float(cap_load[i]) for i, d in enumerate(m.problem.domains)},
         budget_violations=viol,
-        normalized_throughput=float(np.sum(m.job_w * np.where(m.job_unc > 0, t / unc, 0.0))),
+        normalized_throughput=float(np.sum(m.job_val * np.where(m.job_unc > 0, t / unc, 0.0))),
     )
 
 
@@ -451,7 +459,7 @@ def _lp_cost(m: _Model) -> np.ndarray:
     j = m.grp_job[k]
     if o.kind == "budget":
         unc = np.where(m.job_unc > 0, m.job_unc, np.inf)
-        return np.asarray(-(m.job_w[j] / unc[j]) * share * m.seg_slope, dtype=float)
+        return np.asarray(-(m.job_val[j] / unc[j]) * share * m.seg_slope, dtype=float)
     if o.kind == "energy":
         return np.asarray(m.grp_n[k], dtype=float)
     return np.asarray(
@@ -592,7 +600,7 @@ def _solve_fast(m: _Model, room: np.ndarray) -> tuple[np.ndarray, dict[str, floa
     k = m.seg_group
     unc = np.where(m.job_unc > 0, m.job_unc, np.inf)
     j = m.grp_job[k]
-    per_watt = (m.job_w[j] / unc[j]) * m.seg_slope / m.job_k[j]
+    per_watt = (m.job_val[j] / unc[j]) * m.seg_slope / m.job_k[j]
     watts = m.seg_len * m.grp_n[k]
     alloc = watts.copy()
     order = np.argsort(-per_watt, kind="stable")

@@ -92,6 +92,9 @@ class Objective:
     horizon_h: float | None = None
     # how sure a job's slowdown floor must be to hold on its true curve (see curves.py)
     slowdown_confidence: float = DEFAULT_SLOWDOWN_CONFIDENCE
+    # what a job's progress is worth in the budget objective: "size" (in proportion to its
+    # GPUs, so the fleet's total work is maximised) or "per_job" (every job alike)
+    job_value: str = "size"
 
 
 @dataclass(frozen=True)
@@ -281,8 +284,10 @@ _OBJECTIVE_KEYS = frozenset(
         "value_per_unit",
         "horizon_h",
         "slowdown_confidence",
+        "job_value",
     }
 )
+JOB_VALUES: Final = ("size", "per_job")
 SLOWDOWN_CONFIDENCE_RANGE: Final = (0.5, 0.999)
 
 
@@ -472,6 +477,11 @@ def _parse_objective(r: _Reader, raw: object) -> Objective:
         raise r.fail(
             f"{p}.slowdown_confidence", f"must be a probability in [{lo}, {hi}], got {conf:g}"
         )
+    job_value = r.string(o, "job_value", p, default="size")
+    if job_value not in JOB_VALUES:
+        raise r.fail(
+            f"{p}.job_value", f"unknown job value {job_value!r}; one of {list(JOB_VALUES)}"
+        )
     return Objective(
         kind=kind,
         price_per_kwh=r.number(o, "price_per_kwh", p, default=0.0),
@@ -480,6 +490,7 @@ def _parse_objective(r: _Reader, raw: object) -> Objective:
         value_per_unit=r.number(o, "value_per_unit", p, default=0.0),
         horizon_h=horizon,
         slowdown_confidence=conf,
+        job_value=job_value,
     )
 
 
@@ -558,6 +569,7 @@ def objective_to_json(o: Objective) -> dict[str, Any]:
         "carbon_g_per_kwh": o.carbon_g_per_kwh,
         "value_per_unit": o.value_per_unit,
         "slowdown_confidence": o.slowdown_confidence,
+        "job_value": o.job_value,
     }
     if o.horizon_h is not None:
         out["horizon_h"] = o.horizon_h

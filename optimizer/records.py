@@ -11,8 +11,9 @@ per power domain, all stamped ``now_ns`` (the publishing time, like the
 * ``power_before_w`` / ``power_after_w``: predicted fleet GPU draw with no
   change and under the plan; ``savings_w`` is their difference;
 * ``throughput_before`` / ``throughput_after``: the *weighted normalised*
-  throughput, ``sum(weight x throughput / uncapped throughput)`` over the
-  jobs (the plan's ``baselines["none"]`` and ``baselines["optimized"]``).
+  throughput, ``sum(weight x GPUs x throughput / uncapped throughput)`` over
+  the jobs (without ``x GPUs`` under ``objective.job_value = "per_job"``;
+  the plan's ``baselines["none"]`` and ``baselines["optimized"]``).
   Jobs count work in different units (tokens, samples, steps), so a raw sum
   would mean nothing; this is also the unit the LP's shadow prices are in;
 * ``gpus_capped``: GPUs whose planned cap is below their default cap; the

@@ -128,7 +128,8 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
             [name, f"{b.throughput:.4g}", _w(b.power_w), ", ".join(b.budget_violations) or "-"]
             for name, b in plan.baselines.items()
         ]
-        out.append("Policies compared (throughput = sum of weight x fraction of uncapped)")
+        per = "" if problem.objective.job_value == "per_job" else " x GPUs"
+        out.append(f"Policies compared (throughput = sum of weight{per} x fraction of uncapped)")
         out += _table(["policy", "throughput", "GPU power", "over budget"], rows)
     return "\n".join(out).rstrip() + "\n"
 

@@ -272,6 +272,7 @@ def objective_doc(o: OptimizerConfig, kind: str | None = None) -> dict[str, Any]
         "pue": o.pue,
         "carbon_g_per_kwh": o.carbon_g_per_kwh,
         "slowdown_confidence": o.slowdown_confidence,
+        "job_value": o.job_value,
     }
 
 

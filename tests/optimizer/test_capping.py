@@ -144,7 +144,8 @@ def test_synchronous_job_gets_one_cap() -> None:
                 linear_job("sync", ["g0", "g1"], 2.0, synchronous=True),
                 linear_job("solo", ["g2"], 0.5),
             ],
-            "objective": {"kind": "budget"},
+            # per job: by size (the default) both jobs are worth 1/300 per W, a tie
+            "objective": {"kind": "budget", "job_value": "per_job"},
         }
     )
     for method in ("lp", "fast"):
@@ -408,3 +409,81 @@ def test_mw_rounding_fixes_a_domain_the_solver_left_over() -> None:
     caps = _round_down_mw(m, np.full(3, 250.001), room)
     assert caps.tolist() == pytest.approx([250.0, 250.0, 250.0], abs=1e-9)
     assert np.all(caps <= 250.0009)
+
+
+def _sizes_problem(job_value: str | None) -> Problem:
+    # per GPU: 50 at 100 W, 100 at 200 W, 120 at 300 W (slopes 0.5 then 0.2 per W);
+    # job "big" on 8 GPUs (8x that), job "small" on 1; 9 x 100 W minimum + 500 W of room
+    def job(jid: str, gpus: list[str]) -> dict[str, Any]:
+        k = len(gpus)
+        pts = ((100, 50.0), (200, 100.0), (300, 120.0))
+        return {
+            "id": jid,
+            "gpus": gpus,
+            "allowed_slowdown": 0.9,
+            "samples": [{"cap_w": c, "throughput": k * t} for c, t in pts],
+        }
+
+    obj: dict[str, Any] = {"kind": "budget"}
+    if job_value is not None:
+        obj["job_value"] = job_value
+    return parse_problem(
+        {
+            "version": 1,
+            "domains": [{"id": "rack", "budget_w": 1400}],
+            "gpus": [gpu(i, ["rack"]) for i in range(9)],
+            "jobs": [job("big", [f"g{i}" for i in range(8)]), job("small", ["g8"])],
+            "objective": obj,
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["lp", "fast"])
+def test_job_value_size_maximises_the_fleets_work(method: str) -> None:
+    # by GPUs (the default): every GPU's first 100 W earn 0.5/W, the small job's next
+    # 100 W only 0.2/W, so the 500 W go to steep pieces: the small GPU stays <= 200 W and
+    # the fleet does 9 x 50 + 0.5 x 500 = 700 units/s (120 per GPU uncapped)
+    p = _sizes_problem(None)
+    assert p.objective.job_value == "size"
+    r = solve_capping(p, method)  # type: ignore[arg-type]
+    caps = r.caps_w
+    assert caps["g8"] <= 200 + 1e-3
+    assert sum(caps.values()) == pytest.approx(1400, abs=0.01)
+    t = r.evaluation.job_throughput
+    assert t["big"] + t["small"] == pytest.approx(700, abs=0.01)
+    assert r.objective_value == pytest.approx(700 / 120, abs=1e-4)  # GPU-equivalents
+
+
+@pytest.mark.parametrize("method", ["lp", "fast"])
+def test_job_value_per_job_counts_every_job_alike(method: str) -> None:
+    # per job: the small job's watts are worth 8x the big one's per GPU (0.2/120 > 0.5/960),
+    # so it runs uncapped (300 W) and the big job's 8 GPUs share the 300 W left:
+    # 8 x 50 + 0.5 x 300 + 120 = 670 units/s, less total work than by size
+    p = _sizes_problem("per_job")
+    r = solve_capping(p, method)  # type: ignore[arg-type]
+    caps = r.caps_w
+    assert caps["g8"] == pytest.approx(300, abs=1e-3)
+    assert sum(caps[f"g{i}"] for i in range(8)) == pytest.approx(1100, abs=0.01)
+    t = r.evaluation.job_throughput
+    assert t["big"] + t["small"] == pytest.approx(670, abs=0.01)
+    assert r.objective_value == pytest.approx(550 / 960 + 1.0, abs=1e-4)  # job-equivalents
+
+
+def test_job_value_weights_still_multiply() -> None:
+    # weight 8 on the small job under size makes it worth the big one per GPU... times 8:
+    # its shallow piece (8 x 0.2 = 1.6/W) beats every steep one (0.5/W): it runs at 300 W
+    doc_p = _sizes_problem(None)
+    small = dataclasses.replace(doc_p.jobs[1], weight=8.0)
+    p = dataclasses.replace(doc_p, jobs=(doc_p.jobs[0], small))
+    r = solve_capping(p, "lp")
+    assert r.caps_w["g8"] == pytest.approx(300, abs=1e-3)
+
+
+def test_job_value_is_checked_and_round_trips() -> None:
+    from optimizer.problem import ProblemError, problem_to_json
+
+    with pytest.raises(ProblemError, match="job_value"):
+        _sizes_problem("per_gpu")
+    p = _sizes_problem("per_job")
+    assert problem_to_json(p)["objective"]["job_value"] == "per_job"
+    assert parse_problem(problem_to_json(p)).objective.job_value == "per_job"
