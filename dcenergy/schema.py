@@ -7,11 +7,30 @@ declared here, so renaming a field breaks a test rather than a dashboard.
 Units are part of field names (``power_w``, ``energy_j``, ``temp_c``).
 Tag cardinality stays bounded: ``job_id`` is a tag only on measurements that
 are about jobs; on the ``gpu`` measurement the running job is a string field.
+A MIG instance's UUID (``mig_uuid``) is a tag only on ``gpu_instance`` (at most
+seven per GPU).
+
+Estimates: a field whose name carries ``_est`` before its unit (``power_est_w``,
+``energy_est_j``) is an attribution by a stated rule, never a measurement; the
+``power_split`` field next to it names the rule used:
+
+* ``sole``: the job has the GPU to itself (the estimate is the measurement);
+* ``activity``: MIG instances, by share of activity: instance ``i`` gets
+  ``P · a_i·n_i / Σ a_k·n_k`` (``a`` its GPM SM activity, ``n`` its SM count);
+* ``process_util``: a GPU time-sliced or shared through MPS, by each job's
+  processes' summed SM utilization (``nvmlDeviceGetProcessUtilization``) over
+  the summed utilization of every process on the GPU (processes of no job keep
+  their part, so the jobs' shares may sum to less than 1);
+* ``equal``: where the activity or utilization is unknown (or all zero): an
+  equal split among the instances (MIG) or among the jobs (shared GPU).
+
+Energy estimates (``energy_est_j``) add up, every cycle, the share times the
+GPU's energy-counter increase since the previous cycle: cumulative since the
+agent first saw the job (or instance) on this host.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -81,6 +100,7 @@ AUDIT_RESUME: Final = "resume"
 AUDIT_ERROR: Final = "error"
 AUDIT_ALL_GPUS: Final = "all"
 SCHEDULER_AUDIT_ACTIONS: Final = (AUDIT_DRAIN, AUDIT_RESUME, AUDIT_ERROR)
+TAG_MIG_UUID: Final = "mig_uuid"
 
 GPU = Measurement(
     "gpu",
@@ -109,9 +129,83 @@ GPU = Measurement(
         _f("mig_mode", int, "bool", "MIG mode enabled (1) or not (0)"),
         _f("pci_bus_id", str, "", "PCI bus id"),
         _f("job_id", str, "", "job running on this GPU ('' when idle); a field, not a tag"),
+        _f("job_ids", str, "", "every job on this GPU, comma-separated (MIG, MPS, time slicing)"),
+        _f("job_count", int, "count", "jobs on this GPU (2 or more: shared)"),
         _f("lost", bool, "bool", "GPU is lost (fell off the bus); other fields absent"),
+        # profiling activity (GPM, Hopper and newer): means over the sampling interval
+        _f("sm_active_pct", float, "%", "GPM: share of SMs busy"),
+        _f("sm_occupancy_pct", float, "%", "GPM: resident warps over the theoretical maximum"),
+        _f("tensor_active_pct", float, "%", "GPM: share of time the SMs ran any tensor op"),
+        _f("dram_active_pct", float, "%", "GPM: DRAM bandwidth used over its peak"),
+        _f("pcie_tx_bytes_per_s", float, "B/s", "GPM: PCIe traffic from the GPU"),
+        _f("pcie_rx_bytes_per_s", float, "B/s", "GPM: PCIe traffic to the GPU"),
+        _f("nvlink_tx_bytes_per_s", float, "B/s", "GPM: NVLink traffic sent, all links"),
+        _f("nvlink_rx_bytes_per_s", float, "B/s", "GPM: NVLink traffic received, all links"),
+        # newer power controls, where the GPU has them (Grace Hopper, Blackwell)
+        _f("module_power_w", float, "W", "module power (GPU + CPU + memory), module scope"),
+        _f("module_power_limit_w", float, "W", "module power limit in force, module scope"),
+        _f("power_smoothing_enabled", int, "bool", "power smoothing enabled (1) or not (0)"),
+        _f("power_smoothing_profile", int, "id", "active power-smoothing preset profile"),
+        _f("power_profiles", str, "", "enforced workload power profiles, comma-separated"),
     ),
     "one row per GPU per sample",
+)
+
+GPU_INSTANCE = Measurement(
+    "gpu_instance",
+    (TAG_HOST, TAG_GPU_INDEX, TAG_GPU_UUID, TAG_GPU_MODEL, TAG_MIG_UUID),
+    (
+        _f("gpu_instance_id", int, "id", "MIG GPU-instance id"),
+        _f("compute_instance_id", int, "id", "MIG compute-instance id"),
+        _f("profile", str, "", "MIG profile, e.g. 1g.10gb (1c.3g.40gb for a compute slice)"),
+        _f("sm_count", int, "count", "SMs of the instance"),
+        _f("mem_used_bytes", int, "bytes", "instance memory used"),
+        _f("mem_total_bytes", int, "bytes", "instance memory total"),
+        _f("sm_active_pct", float, "%", "GPM per GPU instance: share of its SMs busy"),
+        _f("tensor_active_pct", float, "%", "GPM per GPU instance: tensor activity"),
+        _f("dram_active_pct", float, "%", "GPM per GPU instance: DRAM bandwidth used"),
+        _f("power_share", float, "ratio", "share of the parent GPU's power given to it (0-1)"),
+        _f("power_est_w", float, "W", "estimate: parent power x power_share"),
+        _f("energy_est_j", float, "J", "estimate: parent energy increase x share, summed"),
+        _f("power_split", str, "", "rule of the estimate: activity | equal"),
+        _f("job_id", str, "", "job on this instance ('' when idle)"),
+        _f("job_count", int, "count", "jobs on this instance"),
+    ),
+    "one row per MIG instance per sample; the parent GPU is in the tags",
+)
+
+GPU_HEALTH = Measurement(
+    "gpu_health",
+    (TAG_HOST, TAG_GPU_INDEX, TAG_GPU_UUID, TAG_GPU_MODEL),
+    (
+        _f("ecc_corrected_volatile", int, "count", "corrected ECC errors since driver load"),
+        _f("ecc_uncorrected_volatile", int, "count", "uncorrected ECC errors since driver load"),
+        _f("ecc_corrected_aggregate", int, "count", "corrected ECC errors, lifetime"),
+        _f("ecc_uncorrected_aggregate", int, "count", "uncorrected ECC errors, lifetime"),
+        _f("retired_pages_sbe", int, "count", "pages retired for single-bit errors"),
+        _f("retired_pages_dbe", int, "count", "pages retired for double-bit errors"),
+        _f("retired_pages_pending", int, "bool", "a page retirement waits for a reset (1)"),
+        _f("remap_corrected_rows", int, "count", "rows remapped for corrected errors"),
+        _f("remap_uncorrected_rows", int, "count", "rows remapped for uncorrected errors"),
+        _f("remap_pending", int, "bool", "a row remap waits for a GPU reset (1)"),
+        _f("remap_failure", int, "bool", "a row remap failed (1): the GPU needs service"),
+        _f("xid_events", int, "count", "XID events since the previous health row"),
+        _f("xid_critical_events", int, "count", "of those, not caused by an application"),
+        _f("xid_last", int, "code", "the last XID seen since the agent started"),
+        _f("xid_last_critical", int, "code", "the last XID not caused by an application"),
+        _f("pcie_replay_total", int, "count", "PCIe replays (link retries)"),
+        _f("nvlink_crc_flit_errors_total", int, "count", "NVLink flit CRC errors, all links"),
+        _f("nvlink_crc_data_errors_total", int, "count", "NVLink data CRC errors, all links"),
+        _f("nvlink_replay_errors_total", int, "count", "NVLink replays, all links"),
+        _f("nvlink_recovery_errors_total", int, "count", "NVLink recoveries, all links"),
+        _f("fan_speed_pct", float, "%", "fan speed (absent on passively cooled GPUs)"),
+        _f("hw_slowdown", int, "bool", "HW slowdown clocks-event reason active (1)"),
+        _f("hw_thermal_slowdown", int, "bool", "HW thermal slowdown active (1)"),
+        _f("power_brake", int, "bool", "HW power brake (external signal) active (1)"),
+        _f("unhealthy", int, "bool", "the agent's verdict now (1): see health_reasons"),
+        _f("health_reasons", str, "", "why unhealthy, '; '-separated ('' when healthy)"),
+    ),
+    "one row per GPU every few samples: error counters, XIDs, slowdowns",
 )
 
 HOST = Measurement(
@@ -142,6 +236,15 @@ JOB = Measurement(
         _f("power_limit_w", float, "W", "mean power limit of its GPUs on this host"),
         _f("gpu_count", int, "count", "GPUs of this job on this host"),
         _f("gpu_uuids", str, "", "comma-separated GPU UUIDs of this job on this host"),
+        _f("mig_uuids", str, "", "comma-separated MIG instance UUIDs of this job on this host"),
+        _f("power_est_w", float, "W", "estimate: its share of its GPUs' power (power_split)"),
+        _f("energy_est_j", float, "J", "estimate: its share of its GPUs' energy, summed"),
+        _f("power_split", str, "", "rule of the estimates: sole | activity | process_util | equal"),
+        _f("sharing_jobs", int, "count", "most jobs sharing any one of its GPUs (1: not shared)"),
+        _f("gpu_share", float, "GPUs", "summed share of its GPUs (GPU-equivalents)"),
+        _f("sm_active_pct", float, "%", "GPM: mean SM activity of its GPUs or MIG instances"),
+        _f("tensor_active_pct", float, "%", "GPM: mean tensor activity of its GPUs or instances"),
+        _f("dram_active_pct", float, "%", "GPM: mean DRAM bandwidth use of its GPUs or instances"),
     ),
     "one row per job per host per sample",
 )
@@ -267,7 +370,19 @@ BUDGET_OVERRIDE = Measurement(
 
 MEASUREMENTS: Final[dict[str, Measurement]] = {
     m.name: m
-    for m in (GPU, HOST, JOB, AGENT, PLAN_PART, AUDIT, PLAN, PLAN_DOMAIN, BUDGET_OVERRIDE)
+    for m in (
+        GPU,
+        GPU_INSTANCE,
+        GPU_HEALTH,
+        HOST,
+        JOB,
+        AGENT,
+        PLAN_PART,
+        AUDIT,
+        PLAN,
+        PLAN_DOMAIN,
+        BUDGET_OVERRIDE,
+    )
 }
 
 
@@ -275,9 +390,11 @@ def point(
     m: Measurement, tags: Mapping[str, str], fields: Mapping[str, FieldValue | None], time_ns: int
 ) -> Point:
     """Build a point, dropping absent (None) and non-finite fields: absent, not zero."""
-    clean: dict[str, FieldValue] = {}
-    for k, v in fields.items():
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
-            continue
-        clean[k] = v
+    # v - v is 0.0 for a finite float and nan for inf or nan (this runs for every field
+    # of every sample: cheaper than isinstance and math.isfinite)
+    clean: dict[str, FieldValue] = {
+        k: v
+        for k, v in fields.items()
+        if v is not None and (v.__class__ is not float or v - v == 0.0)
+    }
     return Point(m.name, dict(tags), clean, time_ns)

@@ -18,6 +18,7 @@ Error contract, for every backend:
 from __future__ import annotations
 
 import dataclasses
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
@@ -100,14 +101,29 @@ class GpuSample:
     throttle_reasons: int | None = None
     pstate: int | None = None
     energy_resets: int | None = None
+    # profiling activity (GPM, Hopper and newer): means since the previous sample
+    sm_active_pct: float | None = None
+    sm_occupancy_pct: float | None = None
+    tensor_active_pct: float | None = None
+    dram_active_pct: float | None = None
+    pcie_tx_bytes_per_s: float | None = None
+    pcie_rx_bytes_per_s: float | None = None
+    nvlink_tx_bytes_per_s: float | None = None
+    nvlink_rx_bytes_per_s: float | None = None
+    # newer power controls (Grace Hopper, Blackwell), read where the GPU has them
+    module_power_w: float | None = None
+    module_power_limit_w: float | None = None
+    power_smoothing_enabled: int | None = None
+    power_smoothing_profile: int | None = None
+    power_profiles: str | None = None
 
     def fields(self) -> dict[str, float | int | bool | str | None]:
         """The sample as ``schema.GPU`` fields; a lost GPU reports only ``lost``."""
         out: dict[str, float | int | bool | str | None] = {"lost": self.lost}
-        for f in dataclasses.fields(self):
-            if f.name in _IDENTITY_FIELDS:
-                continue
-            out[f.name] = None if self.lost else getattr(self, f.name)
+        if self.lost:
+            out.update(dict.fromkeys(_SAMPLE_FIELDS))
+        else:
+            out.update(zip(_SAMPLE_FIELDS, _SAMPLE_VALUES(self), strict=True))
         ident = self.identity
         if self.lost:
             out["mig_mode"] = None
@@ -116,6 +132,117 @@ class GpuSample:
             out["mig_mode"] = None if ident.mig_mode is None else int(ident.mig_mode)
             out["pci_bus_id"] = ident.pci_bus_id
         return out
+
+
+# GpuSample's reading fields, listed once (``dataclasses.fields`` per sample is slow)
+_SAMPLE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(GpuSample) if f.name not in _IDENTITY_FIELDS
+)
+_SAMPLE_VALUES = operator.attrgetter(*_SAMPLE_FIELDS)
+
+
+# XIDs an application causes (illegal address, MMU fault in user code, channel
+# reset, preemptive clean-up): recorded, but they say nothing about the GPU's health.
+APPLICATION_XIDS: frozenset[int] = frozenset({13, 31, 43, 45})
+
+
+@dataclass(slots=True)
+class GpuHealth:
+    """Error counters, XID events and slowdowns of one GPU; ``None``: not reported.
+
+    Field names match ``dcenergy.schema.GPU_HEALTH``. Counters are the
+    driver's (volatile: since driver load; aggregate: lifetime); ``xid_events``
+    counts the XIDs seen since the previous ``health()`` call.
+    """
+
+    ecc_corrected_volatile: int | None = None
+    ecc_uncorrected_volatile: int | None = None
+    ecc_corrected_aggregate: int | None = None
+    ecc_uncorrected_aggregate: int | None = None
+    retired_pages_sbe: int | None = None
+    retired_pages_dbe: int | None = None
+    retired_pages_pending: int | None = None
+    remap_corrected_rows: int | None = None
+    remap_uncorrected_rows: int | None = None
+    remap_pending: int | None = None
+    remap_failure: int | None = None
+    xid_events: int | None = None
+    xid_critical_events: int | None = None
+    xid_last: int | None = None
+    xid_last_critical: int | None = None
+    pcie_replay_total: int | None = None
+    nvlink_crc_flit_errors_total: int | None = None
+    nvlink_crc_data_errors_total: int | None = None
+    nvlink_replay_errors_total: int | None = None
+    nvlink_recovery_errors_total: int | None = None
+    fan_speed_pct: float | None = None
+    hw_slowdown: int | None = None
+    hw_thermal_slowdown: int | None = None
+    power_brake: int | None = None
+
+    def reasons(self) -> list[str]:
+        """Why this GPU should not be trusted with work now ([] when healthy).
+
+        Uncorrected ECC errors since driver load, a page retirement or row
+        remap waiting for a reset, a failed row remap, or an XID that no
+        application explains since the previous reading.
+        """
+        out: list[str] = []
+        if self.ecc_uncorrected_volatile:
+            out.append(f"{self.ecc_uncorrected_volatile} uncorrected ECC errors")
+        if self.retired_pages_pending:
+            out.append("page retirement pending")
+        if self.remap_pending:
+            out.append("row remap pending")
+        if self.remap_failure:
+            out.append("row remap failed")
+        if self.xid_critical_events:
+            out.append(f"XID {self.xid_last_critical}")
+        return out
+
+    def fields(self) -> dict[str, float | int | bool | str | None]:
+        """The reading as ``schema.GPU_HEALTH`` fields, the verdict included."""
+        out: dict[str, float | int | bool | str | None] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        }
+        reasons = self.reasons()
+        out["unhealthy"] = int(bool(reasons))
+        out["health_reasons"] = "; ".join(reasons)
+        return out
+
+
+def throttle_flags(reasons: int | None) -> tuple[int | None, int | None, int | None]:
+    """(HW slowdown, HW thermal slowdown, HW power brake) as 0/1 from a clocks-event mask."""
+    if reasons is None:
+        return None, None, None
+    return (
+        int(bool(reasons & THROTTLE_HW_SLOWDOWN)),
+        int(bool(reasons & THROTTLE_HW_THERMAL)),
+        int(bool(reasons & THROTTLE_HW_POWER_BRAKE)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MigInstance:
+    """One MIG instance (a GPU instance and one of its compute instances), read now.
+
+    Identity (constant while the instance exists), memory, activity where NVML
+    reports it per GPU instance (GPM; ``None`` elsewhere), and the host PIDs of
+    the processes running on it (the process list of the MIG device handle).
+    """
+
+    parent_uuid: str
+    uuid: str  # MIG-<uuid>
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str  # 1g.10gb, or 1c.3g.40gb for a compute slice of a GPU instance; "" unknown
+    sm_count: int | None = None
+    mem_used_bytes: int | None = None
+    mem_total_bytes: int | None = None
+    sm_active_pct: float | None = None
+    tensor_active_pct: float | None = None
+    dram_active_pct: float | None = None
+    pids: tuple[int, ...] = ()
 
 
 class EnergyCounter:
@@ -211,6 +338,19 @@ class GpuDevice(ABC):
     @abstractmethod
     def compute_pids(self) -> list[int]:
         """Host PIDs of the compute processes running on this GPU."""
+
+    # Optional readings: a backend without them keeps these defaults (never raise).
+    def mig_instances(self) -> list[MigInstance]:
+        """The MIG instances of this GPU ([] when MIG is off or not reported)."""
+        return []
+
+    def process_utilization(self) -> dict[int, float]:
+        """Per host PID, its SM utilization (%) since the previous call ({} when unknown)."""
+        return {}
+
+    def health(self) -> GpuHealth | None:
+        """Error counters, XIDs since the previous call, slowdowns (None: not reported)."""
+        return None
 
 
 class DeviceBackend(ABC):

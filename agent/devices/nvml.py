@@ -6,24 +6,53 @@ constructor argument, so tests pass a fake (``tests/agent/fake_pynvml.py``).
 
 Every NVML call goes through ``_Nvml.call``, which maps an ``NVMLError`` code
 through ``_ERROR_TABLE`` to the project's exception, raised ``from`` the
-original. Units are converted here, once: mW → W, mJ → J, ns → s.
+original. Units are converted here, once: mW → W, mJ → J, ns → s, MiB/s → B/s.
+
+Beyond the basic readings (power, energy, limits, temperatures, clocks,
+utilization), each optional one is left out, and logged once, where the GPU,
+the driver or this pynvml lacks it; none is ever fatal:
+
+* field values, in one ``nvmlDeviceGetFieldValues`` call per sample: instant
+  power and memory temperature, and where the GPU reports them (Grace Hopper,
+  Blackwell) module-scope power and limit (``scopeId`` =
+  ``NVML_POWER_SCOPE_MODULE``) and the power-smoothing state; the workload
+  power profiles in force (``nvmlDeviceWorkloadPowerProfileGetCurrentProfiles``);
+* GPM profiling metrics (Hopper and newer, ``nvmlGpmQueryDeviceSupport``): two
+  sample buffers alternate, the first filled at open, so each sample's metrics
+  (``nvmlGpmMetricsGet``) cover the time since the previous one;
+* MIG instances (``mig_instances``): the MIG device handles, their identity,
+  profile and memory, their processes (``nvmlDeviceGetComputeRunningProcesses``
+  on the MIG handle) and GPM per GPU instance (``nvmlGpmMigSampleGet``); the
+  list is re-read every ``_MIG_REFRESH_SAMPLES`` calls;
+* per-process SM utilization (``nvmlDeviceGetProcessUtilization``, samples
+  since the last one seen);
+* health (``health``): ECC, retired-page, row-remap, PCIe-replay and NVLink
+  error counters in one field-values call, fan speed, HW slowdown and power
+  brake, and XID events from an event set polled without blocking
+  (``nvmlEventSetWait_v2`` with timeout 0), registered on the first call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from agent.devices.base import (
+    APPLICATION_XIDS,
     DeviceBackend,
     EnergyCounter,
     GpuDevice,
+    GpuHealth,
     GpuIdentity,
     GpuSample,
+    MigInstance,
     PowerLimits,
     check_clock_range,
     check_power_limit,
+    throttle_flags,
 )
 from dcenergy.errors import DeviceError, DeviceLost, DeviceNotSupported, DevicePermission
 
@@ -55,6 +84,68 @@ _VALUE_MEMBERS: Final[dict[str, str]] = {
 }
 
 _PSTATE_UNKNOWN: Final = 32
+_MIB: Final = 1024.0 * 1024.0
+_MIG_REFRESH_SAMPLES: Final = 30  # MIG instances are re-listed this often (calls)
+_MAX_EVENTS_PER_READ: Final = 64  # events drained per health read, at most
+_XID_EVENT: Final = 0x8  # nvmlEventTypeXidCriticalError, where pynvml lacks the name
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One field value: our name, the ``NVML_FI_*`` constant, its scope, a unit factor."""
+
+    name: str
+    const: str
+    scope: str | None = None  # NVML_POWER_SCOPE_* name; None: the device's own
+    scale: float = 1.0
+
+
+_SAMPLE_FIELDS: Final = (
+    _Field("power_instant", "NVML_FI_DEV_POWER_INSTANT", scale=1e-3),
+    _Field("mem_temp_c", "NVML_FI_DEV_MEMORY_TEMP"),
+    _Field("module_power_w", "NVML_FI_DEV_POWER_INSTANT", "NVML_POWER_SCOPE_MODULE", 1e-3),
+    _Field(
+        "module_power_limit_w", "NVML_FI_DEV_POWER_CURRENT_LIMIT", "NVML_POWER_SCOPE_MODULE", 1e-3
+    ),
+    _Field("power_smoothing_enabled", "NVML_FI_PWR_SMOOTHING_ENABLED"),
+    _Field("power_smoothing_profile", "NVML_FI_PWR_SMOOTHING_ACTIVE_PRESET_PROFILE"),
+)
+_HEALTH_FIELDS: Final = (
+    _Field("ecc_corrected_volatile", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL"),
+    _Field("ecc_uncorrected_volatile", "NVML_FI_DEV_ECC_DBE_VOL_TOTAL"),
+    _Field("ecc_corrected_aggregate", "NVML_FI_DEV_ECC_SBE_AGG_TOTAL"),
+    _Field("ecc_uncorrected_aggregate", "NVML_FI_DEV_ECC_DBE_AGG_TOTAL"),
+    _Field("retired_pages_sbe", "NVML_FI_DEV_RETIRED_SBE"),
+    _Field("retired_pages_dbe", "NVML_FI_DEV_RETIRED_DBE"),
+    _Field("retired_pages_pending", "NVML_FI_DEV_RETIRED_PENDING"),
+    _Field("remap_corrected_rows", "NVML_FI_DEV_REMAPPED_COR"),
+    _Field("remap_uncorrected_rows", "NVML_FI_DEV_REMAPPED_UNC"),
+    _Field("remap_pending", "NVML_FI_DEV_REMAPPED_PENDING"),
+    _Field("remap_failure", "NVML_FI_DEV_REMAPPED_FAILURE"),
+    _Field("pcie_replay_total", "NVML_FI_DEV_PCIE_REPLAY_COUNTER"),
+    _Field("nvlink_crc_flit_errors_total", "NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL"),
+    _Field("nvlink_crc_data_errors_total", "NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL"),
+    _Field("nvlink_replay_errors_total", "NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL"),
+    _Field("nvlink_recovery_errors_total", "NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL"),
+)
+
+# GPM metrics: (our field, NVML_GPM_METRIC_* name, unit factor)
+_GPM_METRICS: Final = (
+    ("sm_active_pct", "NVML_GPM_METRIC_SM_UTIL", 1.0),
+    ("sm_occupancy_pct", "NVML_GPM_METRIC_SM_OCCUPANCY", 1.0),
+    ("tensor_active_pct", "NVML_GPM_METRIC_ANY_TENSOR_UTIL", 1.0),
+    ("dram_active_pct", "NVML_GPM_METRIC_DRAM_BW_UTIL", 1.0),
+    ("pcie_tx_bytes_per_s", "NVML_GPM_METRIC_PCIE_TX_PER_SEC", _MIB),
+    ("pcie_rx_bytes_per_s", "NVML_GPM_METRIC_PCIE_RX_PER_SEC", _MIB),
+    ("nvlink_tx_bytes_per_s", "NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC", _MIB),
+    ("nvlink_rx_bytes_per_s", "NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC", _MIB),
+)
+_GPM_MIG_METRICS: Final = _GPM_METRICS[:1] + _GPM_METRICS[2:4]  # SM, tensor, DRAM
+
+
+def _bind(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """``fn`` with its arguments bound now (a lambda in a loop would see the last ones)."""
+    return lambda: fn(*args)
 
 
 def _text(value: object) -> str:
@@ -87,6 +178,30 @@ class _Nvml:
         reason = self._describe(code)
         where = f"GPU {gpu}: " if gpu is not None else ""
         return cls(f"{where}{what}: {reason} (NVML code {code})", gpu=gpu)
+
+    def code(self, exc: DeviceError) -> int | None:
+        """The NVML return code behind ``exc`` (``None`` when it did not come from NVML)."""
+        cause = exc.__cause__
+        if isinstance(cause, self.m.NVMLError):
+            value = getattr(cause, "value", None)
+            return int(value) if value is not None else None
+        return None
+
+    def has_code(self, exc: DeviceError, *names: str) -> bool:
+        """Whether ``exc`` came from one of the named ``NVML_ERROR_*`` (or ``NVML_SUCCESS``)."""
+        code = self.code(exc)
+        return code is not None and any(getattr(self.m, n, None) == code for n in names)
+
+    def power_profile_names(self) -> dict[int, str]:
+        """``NVML_POWER_PROFILE_*`` bit numbers to names (``max_p``, ``training``)."""
+        prefix = "NVML_POWER_PROFILE_"
+        out: dict[int, str] = {}
+        for name in dir(self.m):
+            if name.startswith(prefix) and "OPERATION" not in name and name != prefix + "MAX":
+                value = getattr(self.m, name)
+                if isinstance(value, int):
+                    out.setdefault(value, name[len(prefix) :].lower())
+        return out
 
     def is_unknown(self, exc: DeviceError) -> bool:
         """Whether ``exc`` came from NVML_ERROR_UNKNOWN (a lost GPU sometimes says only that)."""
@@ -141,6 +256,15 @@ class NvmlGpu(GpuDevice):
         self._throttle_fn: str | None = None
         self._sm_clocks: list[int] | None = None
         self.read_errors = 0  # non-fatal failures other than "not supported"
+        self._gpm: _Gpm | None = None
+        self._mig: list[_MigSlot] | None = None
+        self._mig_age = 0
+        self._mig_gpm: dict[int, _Gpm] = {}  # GPU-instance id -> its GPM sampler
+        self._util_seen_us = 0
+        self._events: Any = None  # the XID event set, registered on the first health()
+        self._xid_last: int | None = None
+        self._xid_last_critical: int | None = None
+        self._profile_names: dict[int, str] | None = None
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -173,15 +297,21 @@ class NvmlGpu(GpuDevice):
         except (DeviceNotSupported, DevicePermission) as e:
             log.info("GPU %d: power limits not readable, left out: %s", index, e)
             limits = None
-        return cls(nvml, handle, identity, limits)
+        gpu = cls(nvml, handle, identity, limits)
+        gpu._gpm = gpu._start_gpm(None)
+        return gpu
 
     # -- the query helper --------------------------------------------------
     def _q(self, fn_name: str, *args: Any) -> Any:
         """Call ``fn_name(handle, *args)``; a lost GPU is marked lost and raises DeviceLost."""
+        return self._call(fn_name, self._handle, *args)
+
+    def _call(self, fn_name: str, *args: Any) -> Any:
+        """Call ``fn_name(*args)`` for this GPU (its handle, a MIG handle, a GPM sample)."""
         if self._lost:
             raise DeviceLost(f"GPU {self.identity.index} is lost", gpu=self.identity.index)
         try:
-            return self._nvml.call(fn_name, self._handle, *args, gpu=self.identity.index)
+            return self._nvml.call(fn_name, *args, gpu=self.identity.index)
         except DeviceLost:
             self._lost = True
             raise
@@ -224,7 +354,10 @@ class NvmlGpu(GpuDevice):
     def _note_failure(self, field: str, e: DeviceError) -> None:
         """Classify a non-fatal read failure: remember 'unsupported', count the rest; log once."""
         idx = self.identity.index
-        if isinstance(e, DeviceNotSupported):
+        if isinstance(e, DeviceNotSupported) or self._nvml.has_code(
+            e,
+            "NVML_ERROR_INVALID_ARGUMENT",  # a field id or metric this driver does not know
+        ):
             self._unsupported.add(field)
             self._log_once(
                 field, logging.INFO, "GPU %d: %s not supported, left out: %s", idx, field, e
@@ -263,7 +396,14 @@ class NvmlGpu(GpuDevice):
     def _read_all(self) -> GpuSample:
         m = self._nvml.m
         s = GpuSample(self.identity)
-        instant_w, s.mem_temp_c = self._read_field_values()
+        fv = self._field_values("field_values", _SAMPLE_FIELDS)
+        instant_w, s.mem_temp_c = fv.get("power_instant"), fv.get("mem_temp_c")
+        s.module_power_w = fv.get("module_power_w")
+        s.module_power_limit_w = fv.get("module_power_limit_w")
+        for name in ("power_smoothing_enabled", "power_smoothing_profile"):
+            if (v := fv.get(name)) is not None:
+                setattr(s, name, int(v))
+        s.power_profiles = self._read("power_profiles", self._read_power_profiles)
         s.power_w = instant_w
         if s.power_w is None:
             s.power_w = self._read("power_w", lambda: self._q("nvmlDeviceGetPowerUsage") / 1000.0)
@@ -306,40 +446,315 @@ class NvmlGpu(GpuDevice):
         )
         pstate = self._read("pstate", lambda: int(self._q("nvmlDeviceGetPerformanceState")))
         s.pstate = None if pstate == _PSTATE_UNKNOWN else pstate
+        if self._gpm is not None:
+            for name, value in (self._read("gpm", self._gpm.read) or {}).items():
+                setattr(s, name, value)
         return s
 
-    def _read_field_values(self) -> tuple[float | None, float | None]:
-        """POWER_INSTANT (W) and MEMORY_TEMP (°C) in one call; None for each one unsupported."""
+    def _field_values(self, call_key: str, fields: Sequence[_Field]) -> dict[str, float]:
+        """The supported ``fields`` in one ``nvmlDeviceGetFieldValues`` call, in our units.
+
+        Each value has its own return code: one the GPU lacks is left out (and
+        not asked again), logged once; ``DeviceLost`` passes through.
+        """
         m = self._nvml.m
-        names = ("power_instant", "mem_temp_c")
-        if all(n in self._unsupported for n in names):
-            return None, None
-        ids = (m.NVML_FI_DEV_POWER_INSTANT, m.NVML_FI_DEV_MEMORY_TEMP)
-        values = self._read("field_values", lambda: self._q("nvmlDeviceGetFieldValues", list(ids)))
+        asked: list[_Field] = []
+        ids: list[Any] = []
+        for f in fields:
+            if f.name in self._unsupported:
+                continue
+            fid = getattr(m, f.const, None)
+            scope = getattr(m, f.scope, None) if f.scope else None
+            if fid is None or (f.scope and scope is None):
+                self._note_failure(
+                    f.name,
+                    DeviceNotSupported(f"{f.const} is not in this pynvml", gpu=self.identity.index),
+                )
+                continue
+            asked.append(f)
+            ids.append(fid if scope is None else (fid, scope))
+        if not ids:
+            return {}
+        values = self._read(call_key, lambda: self._q("nvmlDeviceGetFieldValues", ids))
         if values is None:
-            return None, None
-        out: list[float | None] = []
-        for name, fv in zip(names, values, strict=True):
+            return {}
+        out: dict[str, float] = {}
+        for f, fv in zip(asked, values, strict=True):
             code = int(fv.nvmlReturn)
             if code == m.NVML_SUCCESS:
-                out.append(self._nvml.field_value(fv))
+                out[f.name] = self._nvml.field_value(fv) * f.scale
                 continue
-            err = self._nvml.error(code, f"field {name}", self.identity.index)
+            err = self._nvml.error(code, f"field {f.name}", self.identity.index)
             if isinstance(err, DeviceLost):
                 raise err
-            if name == "power_instant" and isinstance(err, DeviceNotSupported):
-                self._unsupported.add(name)
+            if f.name == "power_instant" and isinstance(err, DeviceNotSupported):
+                self._unsupported.add(f.name)
                 self._log_once(
-                    name,
+                    f.name,
                     logging.INFO,
                     "GPU %d: POWER_INSTANT not supported, using nvmlDeviceGetPowerUsage",
                     self.identity.index,
                 )
             else:
-                self._note_failure(name, err)
-            out.append(None)
-        power_mw, mem_temp = out
-        return (None if power_mw is None else power_mw / 1000.0), mem_temp
+                self._note_failure(f.name, err)
+        return out
+
+    def _read_power_profiles(self) -> str:
+        """The enforced workload power profiles, by name, comma-separated ('' for none)."""
+        m = self._nvml.m
+        cls = getattr(m, "c_nvmlWorkloadPowerProfileCurrentProfiles_v1_t", None)
+        if cls is None:
+            raise DeviceNotSupported(
+                "workload power profiles are not in this pynvml", gpu=self.identity.index
+            )
+        info = cls()
+        self._q("nvmlDeviceWorkloadPowerProfileGetCurrentProfiles", ctypes.byref(info))
+        if self._profile_names is None:
+            self._profile_names = self._nvml.power_profile_names()
+        names = self._profile_names
+        bits = [
+            word * 32 + bit
+            for word, value in enumerate(info.enforcedProfilesMask.mask)
+            for bit in range(32)
+            if value >> bit & 1
+        ]
+        return ",".join(names.get(b, f"profile_{b}") for b in bits)
+
+    # -- GPM, MIG, processes, health ------------------------------------------
+    def _start_gpm(self, gpu_instance: int | None) -> _Gpm | None:
+        """A GPM sampler with its first sample taken, or None where GPM is unavailable."""
+        key = "gpm" if gpu_instance is None else f"mig_gpm:{gpu_instance}"
+        if key in self._unsupported:
+            return None
+        try:
+            if gpu_instance is None:
+                support = self._q("nvmlGpmQueryDeviceSupport")
+                if not int(support.isSupportedDevice):
+                    raise DeviceNotSupported(
+                        "GPM needs a Hopper or newer GPU", gpu=self.identity.index
+                    )
+            metrics = _GPM_METRICS if gpu_instance is None else _GPM_MIG_METRICS
+            gpm = _Gpm(self, metrics, gpu_instance)
+            try:
+                gpm.start()
+            except BaseException:
+                gpm.free()
+                raise
+            return gpm
+        except DeviceLost:
+            self._lost = True
+        except DeviceError as e:
+            self._note_failure(key, e)
+        return None
+
+    def mig_instances(self) -> list[MigInstance]:
+        """Every MIG instance with its memory, processes and (GPM) activity now."""
+        if not self.identity.mig_mode or self._lost or "mig" in self._unsupported:
+            return []
+        try:
+            if self._mig is None or self._mig_age >= _MIG_REFRESH_SAMPLES:
+                self._mig = self._read("mig", self._list_mig)
+                self._mig_age = 0
+            self._mig_age += 1
+            return [self._read_instance(slot) for slot in self._mig or ()]
+        except DeviceLost as e:
+            self._lost = True
+            self._log_once("lost", logging.ERROR, "GPU %d is lost: %s", self.identity.index, e)
+            return []
+
+    def _list_mig(self) -> list[_MigSlot]:
+        """The MIG devices under this GPU (empty slots say NOT_FOUND and are skipped)."""
+        slots: list[_MigSlot] = []
+        for i in range(int(self._q("nvmlDeviceGetMaxMigDeviceCount"))):
+            try:
+                h = self._q("nvmlDeviceGetMigDeviceHandleByIndex", i)
+            except DeviceLost:
+                raise
+            except DeviceError as e:
+                if self._nvml.has_code(e, "NVML_ERROR_NOT_FOUND", "NVML_ERROR_INVALID_ARGUMENT"):
+                    continue
+                raise
+            gi = int(self._call("nvmlDeviceGetGpuInstanceId", h))
+            ci = int(self._call("nvmlDeviceGetComputeInstanceId", h))
+            attrs = self._read("mig_attributes", _bind(self._call, "nvmlDeviceGetAttributes", h))
+            slots.append(
+                _MigSlot(
+                    handle=h,
+                    uuid=_text(self._call("nvmlDeviceGetUUID", h)),
+                    gpu_instance_id=gi,
+                    compute_instance_id=ci,
+                    profile=self._mig_profile(gi, attrs),
+                    sm_count=int(attrs.multiprocessorCount) if attrs is not None else None,
+                )
+            )
+        live = {s.gpu_instance_id for s in slots}
+        for gi in sorted(set(self._mig_gpm) - live):  # instances destroyed since the last list
+            self._mig_gpm.pop(gi).free()
+        for gi in sorted(live - set(self._mig_gpm)):
+            if (gpm := self._start_gpm(gi)) is not None:
+                self._mig_gpm[gi] = gpm
+        return slots
+
+    def _mig_profile(self, gpu_instance: int, attrs: Any) -> str:
+        """``1g.10gb`` (NVML's GPU-instance profile name), ``1c.3g.40gb`` for a compute slice.
+
+        Without the profile info (permissions, older driver), built from the
+        device attributes: slices and memory rounded to GB, as nvidia-smi names them.
+        """
+        name = ""
+        try:
+            gi = self._q("nvmlDeviceGetGpuInstanceById", gpu_instance)
+            info = self._call("nvmlGpuInstanceGetInfo", gi)
+            pinfo = self._q("nvmlDeviceGetGpuInstanceProfileInfoById", int(info.profileId))
+            name = _text(pinfo.name).strip().removeprefix("MIG ").strip()
+        except DeviceLost:
+            raise
+        except DeviceError as e:
+            self._note_failure("mig_profile", e)
+        if attrs is None:
+            return name
+        gi_slices, ci_slices = (
+            int(attrs.gpuInstanceSliceCount),
+            int(attrs.computeInstanceSliceCount),
+        )
+        if not name:
+            name = f"{gi_slices}g.{round(int(attrs.memorySizeMB) / 1024)}gb"
+        return f"{ci_slices}c.{name}" if 0 < ci_slices < gi_slices else name
+
+    def _read_instance(self, slot: _MigSlot) -> MigInstance:
+        h = slot.handle
+        mem = self._read("mig_mem_bytes", lambda: self._call("nvmlDeviceGetMemoryInfo", h))
+        procs = self._read(
+            "mig_pids", lambda: self._call("nvmlDeviceGetComputeRunningProcesses", h)
+        )
+        gpm = self._mig_gpm.get(slot.gpu_instance_id)
+        key = f"mig_gpm:{slot.gpu_instance_id}"
+        activity = (self._read(key, gpm.read) or {}) if gpm is not None else {}
+        return MigInstance(
+            parent_uuid=self.identity.uuid,
+            uuid=slot.uuid,
+            gpu_instance_id=slot.gpu_instance_id,
+            compute_instance_id=slot.compute_instance_id,
+            profile=slot.profile,
+            sm_count=slot.sm_count,
+            mem_used_bytes=int(mem.used) if mem is not None else None,
+            mem_total_bytes=int(mem.total) if mem is not None else None,
+            sm_active_pct=activity.get("sm_active_pct"),
+            tensor_active_pct=activity.get("tensor_active_pct"),
+            dram_active_pct=activity.get("dram_active_pct"),
+            pids=tuple(int(p.pid) for p in procs or ()),
+        )
+
+    def process_utilization(self) -> dict[int, float]:
+        """Mean SM utilization (%) per PID over the samples since the last call."""
+        if self._lost or "process_util" in self._unsupported:
+            return {}
+        try:
+            samples = self._q("nvmlDeviceGetProcessUtilization", self._util_seen_us)
+        except DeviceLost as e:
+            self._log_once("lost", logging.ERROR, "GPU %d is lost: %s", self.identity.index, e)
+            return {}
+        except DeviceError as e:
+            # NOT_FOUND: no sample since the last seen (pynvml raises SUCCESS for an empty list)
+            if not self._nvml.has_code(e, "NVML_ERROR_NOT_FOUND", "NVML_SUCCESS"):
+                self._note_failure("process_util", e)
+            return {}
+        total: dict[int, float] = {}
+        count: dict[int, int] = {}
+        for smp in samples:
+            pid = int(smp.pid)
+            total[pid] = total.get(pid, 0.0) + float(smp.smUtil)
+            count[pid] = count.get(pid, 0) + 1
+            self._util_seen_us = max(self._util_seen_us, int(smp.timeStamp))
+        return {pid: total[pid] / count[pid] for pid in total}
+
+    def health(self) -> GpuHealth | None:
+        """Error counters, XIDs since the previous call and HW slowdowns; None once lost."""
+        if self._lost:
+            return None
+        try:
+            fv = self._field_values("health_field_values", _HEALTH_FIELDS)
+            h = GpuHealth(**{name: int(v) for name, v in fv.items()})
+            h.fan_speed_pct = self._read(
+                "fan_speed_pct", lambda: float(self._q("nvmlDeviceGetFanSpeed"))
+            )
+            reasons = self._read("throttle_reasons", self._read_throttle)
+            h.hw_slowdown, h.hw_thermal_slowdown, h.power_brake = throttle_flags(reasons)
+            h.xid_events, h.xid_critical_events = self._drain_xids()
+            h.xid_last = self._xid_last
+            h.xid_last_critical = self._xid_last_critical
+            return h
+        except DeviceLost as e:
+            self._lost = True
+            self._log_once("lost", logging.ERROR, "GPU %d is lost: %s", self.identity.index, e)
+            return None
+
+    def _drain_xids(self) -> tuple[int | None, int | None]:
+        """(XIDs, of which not application-caused) waiting in the event set; never blocks."""
+        if self._events is None:
+            self._events = self._read("xid_events", self._register_xids)
+            if self._events is None:
+                return None, None
+        m = self._nvml.m
+        mask = int(getattr(m, "nvmlEventTypeXidCriticalError", _XID_EVENT))
+        wait = "nvmlEventSetWait_v2" if hasattr(m, "nvmlEventSetWait_v2") else "nvmlEventSetWait"
+        seen = critical = 0
+        last_critical: int | None = None
+        for _ in range(_MAX_EVENTS_PER_READ):
+            try:
+                data = self._call(wait, self._events, 0)
+            except DeviceLost:
+                raise
+            except DeviceError as e:
+                if not self._nvml.has_code(e, "NVML_ERROR_TIMEOUT"):  # TIMEOUT: none waiting
+                    self._note_failure("xid_events", e)
+                break
+            if not int(data.eventType) & mask:
+                continue
+            xid = int(data.eventData)
+            seen += 1
+            self._xid_last = xid
+            if xid not in APPLICATION_XIDS:
+                critical += 1
+                last_critical = xid
+            self._log_once(
+                f"xid:{xid}", logging.WARNING, "GPU %d: XID %d (first of its kind)",
+                self.identity.index, xid,
+            )  # fmt: skip
+        if last_critical is not None:
+            self._xid_last_critical = last_critical
+        return seen, critical
+
+    def _register_xids(self) -> Any:
+        """An event set for this GPU's XID events, or DeviceNotSupported."""
+        mask = int(getattr(self._nvml.m, "nvmlEventTypeXidCriticalError", _XID_EVENT))
+        if not int(self._q("nvmlDeviceGetSupportedEventTypes")) & mask:
+            raise DeviceNotSupported(
+                "XID events are not reported by this GPU", gpu=self.identity.index
+            )
+        events = self._call("nvmlEventSetCreate")
+        try:
+            self._q("nvmlDeviceRegisterEvents", mask, events)
+        except BaseException:
+            self._free_events(events)
+            raise
+        return events
+
+    def _free_events(self, events: Any) -> None:
+        try:
+            self._nvml.call("nvmlEventSetFree", events, gpu=self.identity.index)
+        except DeviceError as e:
+            log.warning("GPU %d: freeing the event set failed: %s", self.identity.index, e)
+
+    def release(self) -> None:
+        """Free the GPM samples and the event set (before ``nvmlShutdown``); never raises."""
+        for gpm in [self._gpm, *self._mig_gpm.values()]:
+            if gpm is not None:
+                gpm.free()
+        self._gpm, self._mig_gpm, self._mig = None, {}, None
+        if self._events is not None:
+            events, self._events = self._events, None
+            self._free_events(events)
 
     def _read_throttle(self) -> int:
         """Clocks-event reasons: the newer call where the driver has it, else the older one."""
@@ -401,6 +816,94 @@ class NvmlGpu(GpuDevice):
         self._q("nvmlDeviceResetGpuLockedClocks")
 
 
+@dataclass(frozen=True, slots=True)
+class _MigSlot:
+    """A MIG device as listed: its handle and what does not change while it exists."""
+
+    handle: Any
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str
+    sm_count: int | None
+
+
+class _Gpm:
+    """GPM metrics of one GPU (or one of its GPU instances) from two alternating samples.
+
+    ``start`` fills the first buffer; each ``read`` fills the other and asks
+    ``nvmlGpmMetricsGet`` for the metrics between the two, so a value is the
+    mean over the time since the previous read. A metric the GPU does not
+    report is dropped from later requests (logged once).
+    """
+
+    def __init__(
+        self, gpu: NvmlGpu, metrics: Sequence[tuple[str, str, float]], gpu_instance: int | None
+    ) -> None:
+        m = gpu._nvml.m
+        self._gpu = gpu
+        self._gi = gpu_instance
+        self._metrics = [
+            (name, int(getattr(m, const)), scale)
+            for name, const, scale in metrics
+            if hasattr(m, const)
+        ]
+        self._samples: list[Any] = []
+        self._request: Any = None
+
+    def start(self) -> None:
+        nvml = self._gpu._nvml
+        for _ in range(2):
+            self._samples.append(nvml.call("nvmlGpmSampleAlloc", gpu=self._gpu.identity.index))
+        self._take(self._samples[0])
+        m = nvml.m
+        self._request = m.c_nvmlGpmMetricsGet_t()
+        self._request.version = m.NVML_GPM_METRICS_GET_VERSION
+
+    def _take(self, sample: Any) -> None:
+        if self._gi is None:
+            self._gpu._q("nvmlGpmSampleGet", sample)
+        else:
+            self._gpu._q("nvmlGpmMigSampleGet", self._gi, sample)
+
+    def read(self) -> dict[str, float]:
+        prev, cur = self._samples
+        self._take(cur)
+        self._samples.reverse()  # this sample is the start of the next interval
+        req = self._request
+        req.numMetrics = len(self._metrics)
+        req.sample1, req.sample2 = prev, cur
+        for i, (_, metric_id, _) in enumerate(self._metrics):
+            req.metrics[i].metricId = metric_id
+        self._gpu._call("nvmlGpmMetricsGet", req)
+        out: dict[str, float] = {}
+        gone: list[str] = []
+        ok = self._gpu._nvml.m.NVML_SUCCESS
+        for i, (name, _, scale) in enumerate(self._metrics):
+            r = req.metrics[i]
+            if int(r.nvmlReturn) == ok:
+                out[name] = float(r.value) * scale
+                continue
+            err = self._gpu._nvml.error(int(r.nvmlReturn), f"GPM {name}", self._gpu.identity.index)
+            if isinstance(err, DeviceLost):
+                raise err
+            self._gpu._note_failure(name if self._gi is None else f"mig{self._gi}_{name}", err)
+            if isinstance(err, DeviceNotSupported):
+                gone.append(name)
+        if gone:
+            self._metrics = [x for x in self._metrics if x[0] not in gone]
+        return out
+
+    def free(self) -> None:
+        """Free both samples; a failure is logged, never raised."""
+        samples, self._samples = self._samples, []
+        for sample in samples:
+            try:
+                self._gpu._nvml.call("nvmlGpmSampleFree", sample, gpu=self._gpu.identity.index)
+            except DeviceError as e:
+                log.warning("GPU %d: freeing a GPM sample failed: %s", self._gpu.identity.index, e)
+
+
 class NvmlBackend(DeviceBackend):
     """The GPUs NVML sees. ``nvml_module=None`` means the real ``pynvml``."""
 
@@ -443,10 +946,13 @@ class NvmlBackend(DeviceBackend):
         self._devices = devices
 
     def close(self) -> None:
-        """``nvmlShutdown`` once; a failure to shut down is logged, not raised."""
+        """Free what the GPUs hold, then ``nvmlShutdown`` once; failures are logged, not raised."""
         if self._nvml is None:
             return
-        nvml, self._nvml, self._devices = self._nvml, None, None
+        nvml, devices, self._nvml, self._devices = self._nvml, self._devices, None, None
+        for dev in devices or ():
+            if isinstance(dev, NvmlGpu):
+                dev.release()
         self._shutdown(nvml)
 
     @staticmethod

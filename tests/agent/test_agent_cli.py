@@ -48,7 +48,7 @@ def test_once_line_protocol(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agent", "once", "--simulate", "2", "--line-protocol"]) == 0
     lines = capsys.readouterr().out.splitlines()
     points = [decode(line) for line in lines]
-    assert [p.measurement for p in points] == ["gpu", "gpu", "host"]
+    assert [p.measurement for p in points] == ["gpu", "gpu", "host", "gpu_health", "gpu_health"]
     assert points[0].tags["model"] == "NVIDIA H100 80GB HBM3"
     assert isinstance(points[0].fields["power_w"], float)
 

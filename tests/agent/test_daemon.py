@@ -85,7 +85,7 @@ def test_run_puts_points_in_the_embedded_store(tmp_path: Path) -> None:
     spool.close()
     store = EmbeddedStore(cfg.embedded_store_path)
     try:
-        by_time = _points_by_time(store, ("gpu", "host", "job"))
+        by_time = _points_by_time(store, ("gpu", "gpu_health", "host", "job"))
         for time_ns, n in committed:
             assert by_time[time_ns] == n  # every committed point, once
         gpus = store.read("gpu", start_ns=0)
@@ -371,7 +371,7 @@ def test_sigterm_exits_0_and_flushes_the_spool(tmp_path: Path) -> None:
     assert spool.depth() == 0
     spool.close()
     store = EmbeddedStore(tmp_path / "state" / "dcenergy.sqlite")
-    by_time = _points_by_time(store, ("gpu", "host", "job"))
+    by_time = _points_by_time(store, ("gpu", "gpu_health", "host", "job"))
     for time_ns, n in log.spooled:
         assert by_time[time_ns] == n
     assert store.count("agent") >= 1
@@ -395,7 +395,7 @@ def test_sigkill_loses_nothing_committed_to_the_spool(tmp_path: Path) -> None:
     assert second.wait(SAFETY_S) == 0, "".join(log2.lines)
     log2.join()
     store = EmbeddedStore(tmp_path / "state" / "dcenergy.sqlite")
-    by_time = _points_by_time(store, ("gpu", "host", "job"))
+    by_time = _points_by_time(store, ("gpu", "gpu_health", "host", "job"))
     missing = [(t, n, by_time[t]) for t, n in committed if by_time[t] != n]
     assert missing == []
     store.close()

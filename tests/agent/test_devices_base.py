@@ -24,8 +24,8 @@ IDENT = GpuIdentity(3, "GPU-x", "NVIDIA H100 80GB HBM3", "00000000:18:00.0", Non
 def test_every_sample_field_is_a_schema_field() -> None:
     fields = GpuSample(IDENT, power_w=500.0).fields()
     assert set(fields) <= GPU.field_names
-    # everything the schema has about a GPU except the job, which the agent adds
-    assert GPU.field_names - set(fields) == {"job_id"}
+    # everything the schema has about a GPU except the jobs, which the agent adds
+    assert GPU.field_names - set(fields) == {"job_id", "job_ids", "job_count"}
 
 
 def test_absent_fields_are_none_and_dropped_from_points() -> None:

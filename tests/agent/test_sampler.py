@@ -91,7 +91,8 @@ def test_one_timestamp_for_every_point_of_a_cycle(
         clock=clock,
     )
     points = s.sample()
-    assert {p.measurement for p in points} == {"gpu", "host", "job"}
+    # the first cycle of every health_every carries the GPUs' health too
+    assert {p.measurement for p in points} == {"gpu", "gpu_health", "host", "job"}
     assert len(calls) == 1  # the clock is read once per cycle ...
     assert {p.time_ns for p in points} == {calls[0]}  # ... and every point carries it
     second = s.sample()

@@ -232,7 +232,9 @@ def test_a_point_takes_far_fewer_bytes_than_in_the_old_layout(tmp_path: Path) ->
     per_point_new = _file_bytes(new.path) / len(points)
     per_point_old = _file_bytes(old_path) / len(points)
     assert per_point_new * 4 < per_point_old, (per_point_new, per_point_old)
-    assert per_point_new < 200, per_point_new
+    # every field random here: about 8 bytes a value and a header byte a column (a real
+    # sample, integral readings and absent fields, is far smaller; see the module docstring)
+    assert per_point_new < 9 * len(GPU.fields), per_point_new
 
 
 def test_an_int_for_a_float_field_is_widened(store: EmbeddedStore) -> None:
