@@ -78,6 +78,7 @@ _ACTION_COLOR = {
     "error": "dark-red",
     "thermal": "orange",
     "drift": "light-yellow",
+    "probe": "light-blue",
 }
 # Every action the reconciler writes (dcenergy.schema.AUDIT_ACTIONS); a new one without a
 # colour here stops the build (KeyError) instead of showing up uncoloured.
