@@ -176,8 +176,9 @@ def test_every_host_in_its_state(store: Store) -> None:
     assert sorted(hosts) == sorted(HOSTS)
 
     ok = hosts["ok-1"]
-    # the last sample 3 s ago; ages are rounded up to their 10 s bucket
-    assert not ok.silent and ok.agent_age_s is not None and 3 <= ok.agent_age_s <= 13
+    # the last agent point 5 s ago, the last GPU point 3 s ago; ages are rounded up to
+    # their 10 s bucket (epoch-aligned, so by 0 to 10 s)
+    assert not ok.silent and ok.agent_age_s is not None and 5 <= ok.agent_age_s <= 15
     assert ok.gpu_age_s is not None and 3 <= ok.gpu_age_s <= 13
     assert ok.gpus == 2 and ok.gpus_lost == 0
     assert ok.part is not None and ok.part.plan_id == "plan-7" and not ok.part.revert
