@@ -78,6 +78,7 @@ ERROR = "error"
 THERMAL = "thermal"
 DRIFT = "drift"
 REVERTED = "reverted"  # a revert part (dcenergy revert) put the GPU back at its saved limit
+PROBE = "probe"  # a probe setpoint in force (until its probe_until_ns; then the plan's limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,12 +456,15 @@ class Reconciler:
         now_ns: int,
     ) -> list[AuditRecord]:
         ctx = (lease.plan_id, lease.seq)
+        probing = sp.probe_w is not None and now_ns < (sp.probe_until_ns or 0)
         if sp.power_limit_w is None:
             target, reasons, requested = current, list[str](), None
         else:
-            requested = sp.power_limit_w
+            requested = sp.probe_w if probing and sp.probe_w is not None else sp.power_limit_w
             target, reasons = self._clamp(requested, limits, current)
-        action = CLAMPED if reasons else APPLIED
+        action = CLAMPED if reasons else PROBE if probing else APPLIED
+        if probing and reasons:
+            reasons.append("probe")  # a probe ramping in max_step_w steps, or clamped
         if cap is not None and target > cap:
             target, action = cap, THERMAL
             reasons.append("thermal")

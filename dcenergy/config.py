@@ -172,6 +172,15 @@ class OptimizerConfig:
         _one_of("size", "per_job"),
         help="budget objective: a job's progress counts per GPU ('size') or per job ('per_job')",
     )
+    probing: str = _opt(
+        "off",
+        _one_of("off", "on"),
+        help="probe jobs whose curve is uncertain with short caps inside their allowance",
+    )
+    probe_budget_share: float = _opt(
+        0.1, _between(0.0, 1.0), help="share of each domain's budget probed at one time"
+    )
+    probe_lease_s: float = _opt(120.0, _positive, help="how long a probe cap holds")
     price_per_kwh: float = _opt(0.12, _non_negative, help="energy price")
     pue: float = _opt(1.3, help="power usage effectiveness (>= 1)")
     carbon_g_per_kwh: float = _opt(400.0, _non_negative, help="grid carbon intensity")

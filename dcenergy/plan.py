@@ -19,7 +19,10 @@ infinities cannot be encoded. The part's body is::
 with setpoints sorted by GPU UUID. Two optional keys appear only when set, so
 parts without them keep their bytes: ``"next_plan_ns"`` (when the next plan
 is due) and ``"revert":true`` (the emergency stop: no setpoints, every GPU
-back at its saved limit until ``expires_ns``). The stored payload is the envelope
+back at its saved limit until ``expires_ns``). A setpoint may carry a probe,
+``"probe_w"`` and ``"probe_until_ns"`` together and only when set: the agent
+applies ``probe_w`` (never above ``power_limit_w``) until then, audited
+``probe``, and the plan's limit after. The stored payload is the envelope
 ``{"part":<body>,"sig":"<base64 signature>"}``. A verifier parses the envelope,
 re-encodes ``part`` canonically, checks the signature over those bytes and then
 decodes the part *from the bytes it verified*, so what an agent acts on is
@@ -92,6 +95,10 @@ class Setpoint:
     gpu_uuid: str
     power_limit_w: float | None
     sm_clock_max_mhz: int | None = None
+    # A probe (the optimizer learning the job's curve): ``probe_w`` instead of
+    # ``power_limit_w`` until ``probe_until_ns``, then the plan's limit. Never above it.
+    probe_w: float | None = None
+    probe_until_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +197,12 @@ def part_to_dict(part: PlanPart) -> dict[str, Any]:
                 "gpu": s.gpu_uuid,
                 "power_limit_w": None if s.power_limit_w is None else float(s.power_limit_w),
                 "sm_clock_max_mhz": s.sm_clock_max_mhz,
+                # only when set, so setpoints without a probe keep their canonical bytes
+                **(
+                    {}
+                    if s.probe_w is None
+                    else {"probe_w": float(s.probe_w), "probe_until_ns": s.probe_until_ns}
+                ),
             }
             for s in sorted(part.setpoints, key=lambda s: s.gpu_uuid)
         ],
@@ -429,6 +442,14 @@ def _check_values(part: PlanPart, exc: type[Exception]) -> None:
             raise exc(f"GPU {s.gpu_uuid}: sm_clock_max_mhz {c!r} is not in (0, {MAX_CLOCK_MHZ}]")
         if w is None and c is None:
             raise exc(f"GPU {s.gpu_uuid}: neither power_limit_w nor sm_clock_max_mhz")
+        if (s.probe_w is None) != (s.probe_until_ns is None):
+            raise exc(f"GPU {s.gpu_uuid}: probe_w and probe_until_ns go together")
+        if s.probe_w is not None:
+            pw, until = s.probe_w, s.probe_until_ns
+            if w is None or not (math.isfinite(pw) and 0 < pw <= w):
+                raise exc(f"GPU {s.gpu_uuid}: probe_w {pw!r} is not in (0, power_limit_w]")
+            if until is None or not part.created_ns < until <= part.expires_ns:
+                raise exc(f"GPU {s.gpu_uuid}: probe_until_ns {until!r} is outside the lease")
 
 
 def _malformed(detail: str) -> PartRefused:
@@ -458,11 +479,18 @@ def _decode_part(body: dict[str, Any]) -> PlanPart:
             raise _malformed("power_limit_w is not a number")
         if c is not None and (isinstance(c, bool) or not isinstance(c, int)):
             raise _malformed("sm_clock_max_mhz is not an integer")
+        pw, until = raw.get("probe_w"), raw.get("probe_until_ns")
+        if pw is not None and (isinstance(pw, bool) or not isinstance(pw, int | float)):
+            raise _malformed("probe_w is not a number")
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
+            raise _malformed("probe_until_ns is not an integer")
         setpoints.append(
             Setpoint(
                 gpu_uuid=_get(raw, "gpu", str),
                 power_limit_w=None if w is None else float(w),
                 sm_clock_max_mhz=c,
+                probe_w=None if pw is None else float(pw),
+                probe_until_ns=until,
             )
         )
     mode = _get(body, "mode", str)

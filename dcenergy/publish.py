@@ -58,7 +58,18 @@ def _setpoint(raw: Any, i: int, source: str) -> tuple[str, Setpoint]:
         raise InputError(source, f"{where}.sm_clock_max_mhz", f"must be an integer > 0, not {c!r}")
     if w is None and c is None:
         raise InputError(source, where, "needs power_limit_w or sm_clock_max_mhz")
-    return host, Setpoint(gpu, None if w is None else float(w), c)
+    pw, until = raw.get("probe_w"), raw.get("probe_until_ns")
+    if pw is not None and (
+        isinstance(pw, bool) or not isinstance(pw, int | float) or not math.isfinite(pw) or pw <= 0
+    ):
+        raise InputError(source, f"{where}.probe_w", f"must be a number > 0 W, not {pw!r}")
+    if (pw is None) != (until is None) or (
+        until is not None and (isinstance(until, bool) or not isinstance(until, int))
+    ):
+        raise InputError(source, f"{where}.probe_until_ns", "an integer, with probe_w")
+    return host, Setpoint(
+        gpu, None if w is None else float(w), c, None if pw is None else float(pw), until
+    )
 
 
 def split_plan(

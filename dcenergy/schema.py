@@ -306,6 +306,7 @@ AUDIT_ACTIONS: Final = (
     "error",
     "thermal",
     "drift",
+    "probe",  # the optimizer's short probe cap, inside the job's allowance (learning its curve)
 )
 
 AUDIT = Measurement(

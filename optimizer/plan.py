@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,6 +37,10 @@ class Setpoint:
     host: str
     power_limit_w: float
     sm_clock_max_mhz: int | None = None
+    # a short probe below the plan's limit (optimizer/probing.py): agents apply it
+    # until probe_until_ns and audit it as 'probe', then the plan's limit
+    probe_w: float | None = None
+    probe_until_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class Plan:
     consolidation: Mapping[str, Any] | None = None
     signature: Mapping[str, Any] | None = None
     version: int = PLAN_VERSION
+    # what the plan probes and what that is predicted to cost (optimizer/probing.py)
+    probes: Mapping[str, Any] | None = None
 
     def expired(self, now_ns: int) -> bool:
         return now_ns >= self.expires_ns
@@ -124,8 +130,12 @@ def make_plan(
     created_ns: int | None = None,
     ttl_s: float = DEFAULT_TTL_S,
     plan_id: str | None = None,
+    probes: Any = None,
 ) -> Plan:
-    """Turn a capping result into a plan; ``created_ns`` defaults to now."""
+    """Turn a capping result into a plan; ``created_ns`` defaults to now.
+
+    ``probes`` (an ``optimizer.probing.Probes``) adds probe setpoints and their summary.
+    """
     created = time.time_ns() if created_ns is None else created_ns
     base = evaluate_baselines(problem, result.fits)
     caps = result.evaluation.caps_w
@@ -138,6 +148,14 @@ def make_plan(
         )
         for i, g in enumerate(problem.gpus)
     )
+    if probes is not None and probes.caps_w:
+        until = created + min(int(probes.lease_s * 1e9), int(ttl_s * 1e9))
+        setpoints = tuple(
+            replace(s, probe_w=probes.caps_w[s.gpu], probe_until_ns=until)
+            if s.gpu in probes.caps_w
+            else s
+            for s in setpoints
+        )
     return Plan(
         plan_id=plan_id or uuid.uuid4().hex,
         created_ns=created,
@@ -172,6 +190,7 @@ def make_plan(
             ),
         },
         consolidation=dict(consolidation) if consolidation is not None else None,
+        probes=probes.summary() if probes is not None and probes.caps_w else None,
     )
 
 
@@ -220,6 +239,11 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                 "host": sp.host,
                 "power_limit_w": sp.power_limit_w,
                 "sm_clock_max_mhz": sp.sm_clock_max_mhz,
+                **(
+                    {}
+                    if sp.probe_w is None
+                    else {"probe_w": sp.probe_w, "probe_until_ns": sp.probe_until_ns}
+                ),
             }
             for sp in plan.setpoints
         ],
@@ -235,6 +259,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
             for k, b in plan.baselines.items()
         },
         "signature": dict(plan.signature) if plan.signature is not None else None,
+        **({} if plan.probes is None else {"probes": dict(plan.probes)}),
     }
 
 
@@ -363,7 +388,13 @@ def validate_plan(obj: object, source: str = "<dict>") -> Plan:
         clk = o.get("sm_clock_max_mhz")
         if clk is not None and (isinstance(clk, bool) or not isinstance(clk, int) or clk <= 0):
             raise v.fail(f"{p}.sm_clock_max_mhz", "expected a positive integer or null")
-        sps.append(Setpoint(gpu, v.str_(o, "host", p), limit, clk))
+        probe_w = probe_until = None
+        if o.get("probe_w") is not None:
+            probe_w = v.num(o, "probe_w", p)
+            probe_until = v.int_(o, "probe_until_ns", p)
+            if not 0 < probe_w <= limit:
+                raise v.fail(f"{p}.probe_w", "must be in (0, power_limit_w]")
+        sps.append(Setpoint(gpu, v.str_(o, "host", p), limit, clk, probe_w, probe_until))
     preds = v.obj(v.get(top, "predictions", ""), "predictions")
     cons = top.get("consolidation")
     if cons is not None:
@@ -393,6 +424,7 @@ def validate_plan(obj: object, source: str = "<dict>") -> Plan:
         baselines=bl,
         consolidation=dict(cons) if cons is not None else None,
         signature=dict(sig) if sig is not None else None,
+        probes=dict(v.obj(top["probes"], "probes")) if top.get("probes") is not None else None,
     )
 
 

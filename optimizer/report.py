@@ -123,6 +123,18 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
         out += _consolidation(plan.consolidation)
         out.append("")
 
+    if plan.probes:
+        pr = plan.probes
+        planned = float(pr.get("planned_normalized") or 0.0)
+        lost = float(pr.get("given_up_normalized") or 0.0)
+        out.append(
+            f"Probes ({len(pr.get('jobs', {}))} jobs, {pr.get('gpus', 0)} GPUs, "
+            f"{float(pr.get('lease_s', 0.0)):.0f} s each): predicted throughput given up "
+            f"{lost:.4g} ({lost / planned * 100 if planned > 0 else 0.0:.2f} % of planned) "
+            "while they last"
+        )
+        out.append("")
+
     if plan.baselines:
         rows = [
             [name, f"{b.throughput:.4g}", _w(b.power_w), ", ".join(b.budget_violations) or "-"]

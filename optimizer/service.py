@@ -327,12 +327,21 @@ class OptimizerService:
                 ", ".join(d.id for d in result.infeasible_domains) or "none",
                 ", ".join(result.slowdown_exceeded) or "none",
             )
+        o = self.config.optimizer
+        probes = None
+        if o.probing == "on":
+            from optimizer.probing import choose_probes
+
+            probes = choose_probes(
+                problem, result, share=o.probe_budget_share, lease_s=o.probe_lease_s, fits=fits
+            )
         return make_plan(
             problem,
             result,
             created_ns=now_ns,
-            ttl_s=self.config.optimizer.plan_ttl_s,
+            ttl_s=o.plan_ttl_s,
             consolidation=self._consolidation(now_ns),
+            probes=probes,
         )
 
     # --- the scheduler's policy ---------------------------------------------------------------

@@ -745,3 +745,35 @@ def test_a_part_without_a_due_time_keeps_its_signed_bytes() -> None:
 
     assert b"next_plan_ns" not in canonical_part(part)
     assert b'"next_plan_ns":7' in canonical_part(replace(part, next_plan_ns=7))
+
+
+# --- probes: a short cap below the plan, audited 'probe', then the plan's limit ----------
+
+
+def test_a_probe_is_applied_audited_and_its_lease_expires_to_the_plan(rig: Rig) -> None:
+    sp = {"gpu": UUID0, "host": HOST, "power_limit_w": 400.0, "probe_w": 300.0}
+    sp["probe_until_ns"] = NOW + 120 * S
+    publish(
+        {"plan_id": "p1", "created_ns": NOW, "expires_ns": NOW + TTL, "setpoints": [sp]},
+        rig.store,
+        KEY,
+        NOW,
+    )
+    records = rig.rec.reconcile_once(NOW)
+    assert rig.limit_w(0) == 300.0
+    (probe,) = only(records, "probe")
+    assert (probe.gpu_uuid, probe.requested_w, probe.applied_w) == (UUID0, 300.0, 300.0)
+    assert any(p.tags["action"] == "probe" for p in rig.audits())
+    assert rig.rec.reconcile_once(NOW + 60 * S) == []  # held while the probe lasts
+    records = rig.rec.reconcile_once(NOW + 120 * S)  # the probe's lease is over: the plan
+    assert rig.limit_w(0) == 400.0
+    (applied,) = only(records, "applied")
+    assert applied.requested_w == 400.0
+
+
+def test_a_probe_above_the_plan_or_outside_the_lease_is_refused(rig: Rig) -> None:
+    for probe_w, until in ((450.0, NOW + 60 * S), (300.0, NOW + TTL + S)):
+        body = json.loads(good_raw())
+        body["setpoints"][0].update(probe_w=probe_w, probe_until_ns=until)
+        rig.put_payload(signed_raw(canonical_json(body).decode()))
+        assert_refused(rig, NOW, "bad_value")

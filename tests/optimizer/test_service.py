@@ -310,6 +310,20 @@ def test_method_fast_where_it_does_not_apply_falls_back_to_the_lp(
     assert any("does not apply" in r.getMessage() for r in caplog.records)
 
 
+def test_probing_on_marks_probes_in_the_plan_and_the_signed_parts(env: dict[str, Any]) -> None:
+    cfg: Config = env["cfg"]
+    on = replace(cfg, optimizer=replace(cfg.optimizer, probing="on", probe_budget_share=0.5))
+    plan = _service(env, cfg=on).run_once(env["end"])
+    assert plan is not None and plan.probes is not None
+    probed = {s.gpu: s.probe_w for s in plan.setpoints if s.probe_w is not None}
+    assert probed and all(
+        s.probe_w <= s.power_limit_w for s in plan.setpoints if s.probe_w is not None
+    )
+    parts = _parts(env, env["end"])
+    got = {s.gpu_uuid: s.probe_w for p in parts.values() for s in p.setpoints if s.probe_w}
+    assert got == pytest.approx(probed)
+
+
 def test_run_with_zero_duration_makes_exactly_the_first_run(env: dict[str, Any]) -> None:
     svc = _service(env)
     assert svc.run(duration_s=0) == 0
