@@ -9,6 +9,10 @@ The model
 * An **exempt** job (a scheduler policy: interactive partitions, urgent QOS)
   is fixed load: its groups' caps are pinned at the default cap (``lo = hi``)
   so budgets count it there and the plan leaves it alone; it has no floor.
+* A **held** GPU (unhealthy: ``Gpu.held``) pins its group at the default cap
+  the same way; a **shared** GPU (``Gpu.shared_by``: MIG instances, MPS, time
+  slicing, in no job) keeps its default cap and counts at it, not at
+  ``idle_w``: its jobs draw on it, and no one job's curve may set its cap.
 * A job's throughput is ``sum over its groups of (n_k / K_j) * f_j(cap_k)``,
   ``f_j`` the job's concave curve (total throughput at a uniform per-GPU cap),
   ``n_k`` GPUs in the group, ``K_j`` in the job.
@@ -192,6 +196,10 @@ class _Model:
         return out
 
 
+def _shared(gpus: tuple[Gpu, ...]) -> np.ndarray:
+    return np.fromiter((bool(g.shared_by) for g in gpus), dtype=bool, count=len(gpus))
+
+
 def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     """Flatten a problem into arrays; Python loops only per job and per GPU, never per nonzero."""
     gpus = problem.gpus
@@ -245,10 +253,14 @@ def _build_model(problem: Problem, fits: Mapping[str, CurveFit]) -> _Model:
     grp_target = np.clip(grp_target, grp_lo, grp_hi)
     # an exempt job (scheduler policy) is fixed load: its caps pinned at the default cap
     exempt = np.fromiter((j.exempt for j in jobs), dtype=bool, count=n_jobs)
-    if np.any(exempt):
+    # a held GPU (unhealthy) pins its group; a shared one, in no job, counts at its cap
+    held = np.fromiter(map(attrgetter("pinned"), gpus), dtype=bool, count=n_gpu)
+    if np.any(exempt) or np.any(held):
         pinned = exempt[grp_job]
+        pinned[np.unique(bgrp[held[bg]])] = True
         grp_lo = np.where(pinned, grp_target, grp_lo)
         grp_hi = np.where(pinned, grp_target, grp_hi)
+        idle_w = np.where(held & ~busy, np.where(_shared(gpus), default_w, idle_w), idle_w)
     grp_rep = np.zeros(n_groups, dtype=np.int64)
     grp_rep[bgrp] = bg
     incid = sparse.csr_matrix((np.ones(len(bg)), (bg, bgrp)), shape=(n_gpu, n_groups))

@@ -43,6 +43,29 @@ class Gpu:
     domains: tuple[str, ...]
     current_w: float | None = None  # measured draw now (W), for "now" figures
     sm_clocks_mhz: tuple[int, ...] | None = None  # supported SM clocks, ascending
+    # held: why it keeps its default cap (unhealthy: ECC, row remap, XID); never capped
+    held: tuple[str, ...] = ()
+    # shared_by: the jobs whose work shares it (MIG instances, MPS, time slicing): busy,
+    # no one job's curve sets its cap, so it keeps its default cap and counts there
+    shared_by: tuple[str, ...] = ()
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the solver must leave it at its default cap (held or shared)."""
+        return bool(self.held or self.shared_by)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """A job's profiling activity (GPM) over the window, shares 0-1; None: not measured.
+
+    Evidence about its curve's shape before any cap sample exists: a job whose
+    DRAM is busy and whose SMs are not is memory-bound.
+    """
+
+    dram_active: float | None = None
+    sm_active: float | None = None
+    tensor_active: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,7 @@ class Job:
     # exempt: fixed load at its GPUs' default cap, never capped nor slowed (scheduler policy)
     exempt: bool = False
     policy: str | None = None  # where weight/slowdown/exempt came from (shown in reports)
+    activity: Activity | None = None  # GPM activity over the window (curve-shape evidence)
 
 
 @dataclass(frozen=True)
@@ -258,6 +282,8 @@ _GPU_KEYS = frozenset(
         "domains",
         "current_w",
         "sm_clocks_mhz",
+        "held",
+        "shared_by",
     }
 )
 _DOMAIN_KEYS = frozenset({"id", "budget_w", "baseline_w", "kind"})
@@ -272,8 +298,10 @@ _JOB_KEYS = frozenset(
         "samples",
         "exempt",
         "policy",
+        "activity",
     }
 )
+_ACTIVITY_KEYS = frozenset({"dram_active", "sm_active", "tensor_active"})
 _SAMPLE_KEYS = frozenset({"cap_w", "power_w", "throughput"})
 _OBJECTIVE_KEYS = frozenset(
     {
@@ -376,6 +404,10 @@ def _parse_gpus(r: _Reader, top: Mapping[str, Any], domain_ids: set[str]) -> tup
                 raise r.fail(cp, "the clock table is empty; omit the field instead")
             vals = [r.number_value(v, f"{cp}[{k}]", positive=True) for k, v in enumerate(items)]
             clocks = tuple(sorted({round(v) for v in vals}))
+        held = _strings(r, o, "held", p)
+        shared_by = _strings(r, o, "shared_by", p)
+        if len(set(shared_by)) != len(shared_by):
+            raise r.fail(f"{p}.shared_by", "a job is listed twice")
         out.append(
             Gpu(
                 id=gid,
@@ -388,9 +420,18 @@ def _parse_gpus(r: _Reader, top: Mapping[str, Any], domain_ids: set[str]) -> tup
                 domains=doms,
                 current_w=current,
                 sm_clocks_mhz=clocks,
+                held=held,
+                shared_by=shared_by,
             )
         )
     return tuple(out)
+
+
+def _strings(r: _Reader, o: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """An optional array of non-empty strings (absent or null: empty)."""
+    if o.get(key) is None:
+        return ()
+    return r.id_list(o, key, path)
 
 
 def _parse_jobs(r: _Reader, top: Mapping[str, Any], gpus: Mapping[str, Gpu]) -> tuple[Job, ...]:
@@ -413,6 +454,12 @@ def _parse_jobs(r: _Reader, top: Mapping[str, Any], gpus: Mapping[str, Gpu]) -> 
                 raise r.fail(gp, f"unknown GPU {g!r}")
             if g in owner:
                 raise r.fail(gp, f"GPU {g!r} is already in job {owner[g]!r}")
+            if gpus[g].shared_by:
+                raise r.fail(
+                    gp,
+                    f"GPU {g!r} is shared by jobs {list(gpus[g].shared_by)}: "
+                    "no job owns it (list it in none)",
+                )
             owner[g] = jid
         weight = r.number(o, "weight", p, default=1.0, positive=True)
         slow = r.number(o, "allowed_slowdown", p, default=0.1)
@@ -431,6 +478,7 @@ def _parse_jobs(r: _Reader, top: Mapping[str, Any], gpus: Mapping[str, Gpu]) -> 
         unit = r.string(o, "unit", p, default="units")
         exempt = r.boolean(o, "exempt", p, False)
         policy = r.string(o, "policy", p) if o.get("policy") is not None else None
+        activity = _parse_activity(r, o.get("activity"), f"{p}.activity")
         samples: list[Sample] = []
         for k, sraw in enumerate(r.array(o.get("samples", []), f"{p}.samples")):
             sp = f"{p}.samples[{k}]"
@@ -456,9 +504,23 @@ def _parse_jobs(r: _Reader, top: Mapping[str, Any], gpus: Mapping[str, Gpu]) -> 
                 unit=unit,
                 exempt=exempt,
                 policy=policy,
+                activity=activity,
             )
         )
     return tuple(out)
+
+
+def _parse_activity(r: _Reader, raw: object, path: str) -> Activity | None:
+    if raw is None:
+        return None
+    o = r.obj(raw, path, _ACTIVITY_KEYS)
+    vals: dict[str, float | None] = {}
+    for key in sorted(_ACTIVITY_KEYS):
+        v = r.opt_number(o, key, path)
+        if v is not None and v > 1.0:
+            raise r.fail(f"{path}.{key}", f"a share in [0, 1], got {v:g}")
+        vals[key] = v
+    return Activity(**vals)
 
 
 def _parse_objective(r: _Reader, raw: object) -> Objective:
@@ -520,6 +582,10 @@ def problem_to_json(p: Problem) -> dict[str, Any]:
             go["current_w"] = g.current_w
         if g.sm_clocks_mhz is not None:
             go["sm_clocks_mhz"] = list(g.sm_clocks_mhz)
+        if g.held:
+            go["held"] = list(g.held)
+        if g.shared_by:
+            go["shared_by"] = list(g.shared_by)
         gpus.append(go)
     domains: list[dict[str, Any]] = []
     for d in p.domains:
@@ -538,6 +604,7 @@ def problem_to_json(p: Problem) -> dict[str, Any]:
             "samples": [_sample_json(s) for s in j.samples],
             **({"exempt": True} if j.exempt else {}),
             **({"policy": j.policy} if j.policy is not None else {}),
+            **({"activity": _activity_json(j.activity)} if j.activity is not None else {}),
         }
         for j in p.jobs
     ]
@@ -548,6 +615,12 @@ def problem_to_json(p: Problem) -> dict[str, Any]:
         "jobs": jobs,
         "objective": objective_to_json(p.objective),
     }
+
+
+def _activity_json(a: Activity) -> dict[str, float]:
+    items = {"dram_active": a.dram_active, "sm_active": a.sm_active}
+    items["tensor_active"] = a.tensor_active
+    return {k: v for k, v in items.items() if v is not None}
 
 
 def _sample_json(s: Sample) -> dict[str, Any]:
@@ -613,6 +686,7 @@ __all__: Sequence[str] = (
     "DOMAIN_KINDS",
     "OBJECTIVE_KINDS",
     "PROBLEM_VERSION",
+    "Activity",
     "Domain",
     "Gpu",
     "Job",

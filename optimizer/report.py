@@ -105,6 +105,7 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
     if len(problem.jobs) > max_rows:
         out.append(f"... {len(problem.jobs) - max_rows} more jobs")
     out.append("")
+    out += _held(problem, plan, max_rows)
 
     out.append(
         f"Fleet GPU power: {_w(plan.before.fleet_power_w)} -> {_w(plan.after.fleet_power_w)} "
@@ -144,6 +145,25 @@ def render_report(problem: Problem, plan: Plan, *, max_rows: int = 50) -> str:
         out.append(f"Policies compared (throughput = sum of weight{per} x fraction of uncapped)")
         out += _table(["policy", "throughput", "GPU power", "over budget"], rows)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _held(problem: Problem, plan: Plan, max_rows: int) -> list[str]:
+    """GPUs the plan left at their default cap because they are unhealthy or shared."""
+    held = [g for g in problem.gpus if g.pinned]
+    if not held:
+        return []
+    caps = {sp.gpu: sp.power_limit_w for sp in plan.setpoints}
+    rows = []
+    for g in held[:max_rows]:
+        why = list(g.held)
+        if g.shared_by:
+            why.append("shared by jobs " + ", ".join(g.shared_by) + " (MIG, MPS or time slicing)")
+        rows.append([g.id, g.host, f"{caps.get(g.id, g.default_w):.0f} W", "; ".join(why)])
+    out = ["GPUs held at their default cap (not capped: unhealthy, or shared by several jobs)"]
+    out += _table(["gpu", "host", "cap", "why"], rows, text_last=True)
+    if len(held) > max_rows:
+        out.append(f"... {len(held) - max_rows} more held GPUs")
+    return [*out, ""]
 
 
 def _split_exceeded(problem: Problem, plan: Plan) -> tuple[list[str], list[str]]:

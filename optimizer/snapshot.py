@@ -6,17 +6,32 @@ topology become a problem document (the same JSON the ``optimize`` command
 reads), so everything downstream is the pure solver path and a snapshot can be
 saved and replayed.
 
-The store computes every aggregate (four queries; InfluxQL on InfluxDB, SQL on
-the embedded store): per GPU one summary row and its idle median, per job
-and host time-bucketed means with their reading counts. What is read grows
-with GPUs + jobs × buckets, never with raw rows or the sampling rate.
+The store computes every aggregate (five queries; InfluxQL on InfluxDB, SQL on
+the embedded store): per GPU one summary row, its idle median and its health
+over the window, per job and host time-bucketed means with their reading
+counts. What is read grows with GPUs + jobs × buckets, never with raw rows or
+the sampling rate.
+
+Two kinds of GPU keep their default cap (the problem's ``held`` and
+``shared_by``, see docs/problem-format.md):
+
+* unhealthy in the window (``gpu_health``): uncorrected ECC errors since driver
+  load, a page retirement or row remap pending, a failed row remap, or an XID
+  that no application explains (``_health_holds``);
+* shared by several jobs now (its last ``job_count`` is 2 or more: MIG
+  instances, MPS, time slicing): listed in none of its jobs, which keep their
+  other GPUs (a job left with none is left out), and named in ``shared_by``.
+
+A GPU two jobs listed one after the other in the window belongs to the job it
+runs now (its last ``job_id``). A job's mean GPM activity (``dram_active``,
+``sm_active``, ``tensor_active`` as shares) goes into its ``activity``.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +55,8 @@ _MIN_RUN = 4
 # Job evidence is read as time-bucketed means: about this many buckets a window.
 _BUCKETS_PER_WINDOW = 40
 _MIN_BUCKET_S = 10.0
+# GPM activity a job's problem entry carries (job fields ``<name>_pct``), as shares 0-1
+_ACTIVITY = ("dram_active", "sm_active", "tensor_active")
 
 
 class EmptyWindow(NoTelemetry):
@@ -57,6 +74,7 @@ class _GpuSummary:
     current_w: float
     idle_w: float
     job_id: str
+    shared_by: tuple[str, ...] = ()  # its jobs now, when several share it
 
 
 def _idle_guess(model: str, max_w: float) -> float:
@@ -77,6 +95,8 @@ def _gpu_queries(start_ns: int, end_ns: int) -> tuple[AggregateQuery, AggregateQ
             Agg(Fn.LAST, "power_limit_max_w"),
             Agg(Fn.LAST, "power_limit_default_w"),
             Agg(Fn.LAST, "job_id"),
+            Agg(Fn.LAST, "job_count"),
+            Agg(Fn.LAST, "job_ids"),
         ),
         start_ns,
         end_ns,
@@ -112,6 +132,9 @@ def _summarise_gpus(summary: Iterable[AggRow], idle: Iterable[AggRow]) -> list[_
         model = r.tags.get(schema.TAG_GPU_MODEL) or "unknown"
         max_w = float(v["last_power_limit_max_w"])
         mean_w = v.get("mean_power_w")
+        count = v.get("last_job_count")
+        listed = str(v.get("last_job_ids") or "")
+        shared = isinstance(count, int) and count > 1 and "," in listed
         out[uuid] = _GpuSummary(
             uuid=uuid,
             host=r.tags.get(schema.TAG_HOST, ""),
@@ -122,8 +145,54 @@ def _summarise_gpus(summary: Iterable[AggRow], idle: Iterable[AggRow]) -> list[_
             current_w=float(mean_w) if isinstance(mean_w, int | float) else 0.0,
             idle_w=min(idle_w[uuid], max_w) if uuid in idle_w else _idle_guess(model, max_w),
             job_id=str(v.get("last_job_id", "")),
+            shared_by=tuple(sorted({j for j in listed.split(",") if j})) if shared else (),
         )
     return [out[u] for u in sorted(out)]
+
+
+def _health_query(start_ns: int, end_ns: int) -> AggregateQuery:
+    """Per GPU over the window: what says it should not be trusted with a cap change."""
+    return AggregateQuery(
+        schema.GPU_HEALTH.name,
+        (
+            Agg(Fn.MAX, "ecc_uncorrected_volatile"),
+            Agg(Fn.LAST, "retired_pages_pending"),
+            Agg(Fn.LAST, "remap_pending"),
+            Agg(Fn.MAX, "remap_failure"),
+            Agg(Fn.SUM, "xid_critical_events"),
+            Agg(Fn.LAST, "xid_last_critical"),
+        ),
+        start_ns,
+        end_ns,
+        by=(schema.TAG_GPU_UUID,),
+    )
+
+
+def _health_holds(rows: Iterable[AggRow]) -> dict[str, list[str]]:
+    """GPU uuid -> why it keeps its default cap (GPUs with no reason left out)."""
+
+    def num(v: Mapping[str, Any], key: str) -> int:
+        x = v.get(key)
+        return int(x) if isinstance(x, int | float) else 0
+
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        uuid, v = r.tags.get(schema.TAG_GPU_UUID, ""), r.values
+        reasons = []
+        if n := num(v, "max_ecc_uncorrected_volatile"):
+            reasons.append(f"{n} uncorrected ECC errors")
+        if num(v, "last_retired_pages_pending"):
+            reasons.append("page retirement pending")
+        if num(v, "last_remap_pending"):
+            reasons.append("row remap pending")
+        if num(v, "max_remap_failure"):
+            reasons.append("row remap failed")
+        if n := num(v, "sum_xid_critical_events"):
+            last = v.get("last_xid_last_critical")
+            reasons.append(f"{n} XID events in the window (last XID {last})")
+        if uuid and reasons:
+            out[uuid] = reasons
+    return out
 
 
 def bucket_s(window_s: float) -> float:
@@ -158,7 +227,11 @@ def _job_queries(
     )
     identity = AggregateQuery(
         schema.JOB.name,
-        (Agg(Fn.LAST, "gpu_uuids"), Agg(Fn.LAST, "throughput_unit")),
+        (
+            Agg(Fn.LAST, "gpu_uuids"),
+            Agg(Fn.LAST, "throughput_unit"),
+            *(Agg(Fn.MEAN, f"{name}_pct") for name in _ACTIVITY),
+        ),
         start_ns,
         end_ns,
         by=by,
@@ -187,6 +260,7 @@ def _job_samples(
     """
     gpus: dict[str, set[str]] = defaultdict(set)
     units: dict[str, str] = {}
+    activity: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in identity:
         job = r.tags.get(schema.TAG_JOB, "")
         if not job:
@@ -196,6 +270,10 @@ def _job_samples(
         unit = r.values.get("last_throughput_unit")
         if isinstance(unit, str) and unit:
             units[job] = unit
+        for name in _ACTIVITY:  # a mean per host; the job's is their mean
+            pct = r.values.get(f"mean_{name}_pct")
+            if isinstance(pct, int | float):
+                activity[job][name].append(float(pct))
     per_bucket: dict[str, dict[int, list[Mapping[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -243,6 +321,11 @@ def _job_samples(
             "unit": units.get(job, "sm_util_proxy"),
             "samples": samples,
         }
+        if act := activity.get(job):
+            jobs[job]["activity"] = {
+                name: round(min(1.0, max(0.0, statistics.fmean(v) / 100.0)), 4)
+                for name, v in act.items()
+            }
     return jobs
 
 
@@ -262,6 +345,29 @@ def _runs(buckets: list[_Bucket]) -> list[list[_Bucket]]:
         out[r].append(b)
         done += b.readings
     return [run for run in out if run]
+
+
+def _owners(gpus: Sequence[_GpuSummary], jobs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """GPU uuid -> the one job that owns it; shared GPUs, and unclear ones, have none.
+
+    A GPU listed by one job is that job's; listed by several one after another
+    (the window saw a job end and the next start), the job it runs now.
+    """
+    claims: dict[str, list[str]] = defaultdict(list)
+    for job_id, j in jobs.items():
+        for u in j["gpus"]:
+            claims[u].append(job_id)
+    current = {g.uuid: g.job_id for g in gpus}
+    shared = {g.uuid for g in gpus if g.shared_by}
+    out: dict[str, str] = {}
+    for u, js in claims.items():
+        if u in shared:
+            continue
+        if len(js) == 1:
+            out[u] = js[0]
+        elif current.get(u) in js:
+            out[u] = current[u]
+    return out
 
 
 def objective_doc(o: OptimizerConfig, kind: str | None = None) -> dict[str, Any]:
@@ -302,8 +408,10 @@ def build_problem(
             hint="run the agent first (dcenergy agent run --simulate 8) or widen --window",
         )
     known = {g.uuid for g in gpus}
+    holds = _health_holds(store.aggregate(_health_query(start, end)))
     evidence_q, identity_q = _job_queries(start, end, bucket_s(window_s))
     jobs = _job_samples(store.aggregate(evidence_q), store.aggregate(identity_q))
+    owner = _owners(gpus, jobs)
     used_domains: set[str] = set()
     gpu_docs = []
     for g in gpus:
@@ -320,11 +428,13 @@ def build_problem(
                 "idle_w": g.idle_w,
                 "current_w": round(g.current_w, 2),
                 "domains": doms,
+                **({"held": holds[g.uuid]} if g.uuid in holds else {}),
+                **({"shared_by": list(g.shared_by)} if g.shared_by else {}),
             }
         )
     job_docs = []
     for job_id, j in sorted(jobs.items()):
-        job_gpus = [u for u in j["gpus"] if u in known]
+        job_gpus = [u for u in j["gpus"] if u in known and owner.get(u) == job_id]
         if not job_gpus:
             continue
         job_docs.append(
@@ -336,6 +446,7 @@ def build_problem(
                 "synchronous": len(job_gpus) > 1,
                 "unit": j["unit"],
                 "samples": j["samples"],
+                **({"activity": j["activity"]} if "activity" in j else {}),
             }
         )
     if policy is not None:
