@@ -1095,6 +1095,113 @@ def node() -> Board:
         ),
         w=12,
     )
+    b.add(
+        panel(
+            "timeseries",
+            "Profiling activity (GPM)",
+            [
+                target(
+                    'SELECT mean("sm_active_pct") AS "sm", mean("tensor_active_pct") AS "tensor", '
+                    'mean("dram_active_pct") AS "dram" '
+                    f'FROM "gpu" WHERE {F_NODE} {per_gpu}',
+                    alias=gpu_alias,
+                )
+            ],
+            unit="percent",
+            description="GPM metrics (Hopper and newer): SMs busy, tensor pipes busy, DRAM "
+            "bandwidth used over its peak. A busy DRAM with idle SMs is memory-bound work.",
+            minimum=0,
+            maximum=100,
+        ),
+        w=24,
+    )
+
+    b.row("Health")
+    b.add(
+        panel(
+            "state-timeline",
+            "GPU health",
+            [
+                target(
+                    'SELECT last("unhealthy") AS "unhealthy" '
+                    f'FROM "gpu_health" WHERE {F_NODE} {per_gpu}',
+                    alias="$tag_host/$tag_gpu",
+                )
+            ],
+            description="The agent's verdict: unhealthy while uncorrected ECC errors were "
+            "seen since driver load, a page retirement or row remap waits for a reset, a row "
+            "remap failed, or an XID no application explains arrived. The optimizer leaves an "
+            "unhealthy GPU at its default cap.",
+            mappings=[
+                {
+                    "type": "value",
+                    "options": {
+                        "0": {"text": "healthy", "color": "green", "index": 0},
+                        "1": {"text": "unhealthy", "color": "red", "index": 1},
+                    },
+                }
+            ],
+            th=thresholds(("green", None), ("red", 1)),
+        ),
+        w=12,
+    )
+    b.add(
+        panel(
+            "timeseries",
+            "XID events",
+            [
+                target(
+                    'SELECT sum("xid_events") AS "xid", sum("xid_critical_events") AS "critical" '
+                    f'FROM "gpu_health" WHERE {F_NODE} {per_gpu}',
+                    alias=gpu_alias,
+                )
+            ],
+            description="XID errors the driver reported, and those no application explains "
+            "(not 13, 31, 43 or 45).",
+            minimum=0,
+            custom=bars(stacked=False),
+        ),
+        w=12,
+    )
+    b.add(
+        panel(
+            "timeseries",
+            "ECC errors",
+            [
+                target(
+                    'SELECT max("ecc_uncorrected_volatile") AS "uncorrected", '
+                    'max("ecc_corrected_volatile") AS "corrected" '
+                    f'FROM "gpu_health" WHERE {F_NODE} {per_gpu}',
+                    alias=gpu_alias,
+                )
+            ],
+            description="ECC errors since the driver loaded: corrected ones are harmless in "
+            "small numbers; any uncorrected one makes the GPU unhealthy until a reset.",
+            minimum=0,
+            th=thresholds(("green", None), ("red", 1)),
+        ),
+        w=12,
+    )
+    b.add(
+        panel(
+            "timeseries",
+            "Row remapping and link errors",
+            [
+                target(
+                    'SELECT last("remap_pending") AS "remap_pending", '
+                    'last("remap_failure") AS "remap_failure", '
+                    'max("pcie_replay_total") AS "pcie_replays", '
+                    'max("nvlink_replay_errors_total") AS "nvlink_replays" '
+                    f'FROM "gpu_health" WHERE {F_NODE} {per_gpu}',
+                    alias=gpu_alias,
+                )
+            ],
+            description="A row remap pending (needs a GPU reset) or failed (needs service), "
+            "and the PCIe and NVLink replay counters (retries of a noisy link).",
+            minimum=0,
+        ),
+        w=12,
+    )
 
     b.row("Jobs")
     b.add(

@@ -124,8 +124,46 @@ def _gpu_points(t: int, i: int, state: dict[str, float]) -> list[Point]:
             "mig_mode": 0,
             "pci_bus_id": f"00000000:{0x18 + 0x10 * g.index:02X}:00.0",
             "job_id": g.job,
+            "job_count": int(busy),
         }
+        if g.model == H100:  # GPM: Hopper only
+            fields["sm_active_pct"] = round(78.0 + _wave(i, k, 8.0), 1) if busy else 0.0
+            fields["tensor_active_pct"] = round(45.0 + _wave(i, k, 9.0), 1) if busy else 0.0
+            fields["dram_active_pct"] = round(52.0 + _wave(i, k, 7.0), 1) if busy else 0.0
         out.append(point(schema.GPU, g.tags, fields, t))
+    return out
+
+
+def _health_points(t: int, i: int) -> list[Point]:
+    """Every GPU healthy but gpu-a01/3: an XID 48 at sample 100, its uncorrected ECC error
+    and the row remap pending from then on."""
+    out = []
+    for k, g in enumerate(FLEET):
+        if g.lost_at_end and i == SAMPLES - 1:
+            continue
+        bad = g.host == "gpu-a01" and g.index == 3 and i >= 100
+        fields: dict[str, schema.FieldValue | None] = {
+            "ecc_corrected_volatile": 2 * k + i // 50,
+            "ecc_uncorrected_volatile": int(bad),
+            "ecc_corrected_aggregate": 40 + 2 * k + i // 50,
+            "ecc_uncorrected_aggregate": int(bad),
+            "remap_corrected_rows": k % 2,
+            "remap_uncorrected_rows": int(bad),
+            "remap_pending": int(bad),
+            "remap_failure": 0,
+            "xid_events": int(bad and i == 100),
+            "xid_critical_events": int(bad and i == 100),
+            "xid_last": 48 if bad else None,
+            "xid_last_critical": 48 if bad else None,
+            "pcie_replay_total": k + i // 75,
+            "nvlink_replay_errors_total": k % 3,
+            "hw_slowdown": 0,
+            "hw_thermal_slowdown": 0,
+            "power_brake": 0,
+            "unhealthy": int(bad),
+            "health_reasons": "1 uncorrected ECC errors; row remap pending" if bad else "",
+        }
+        out.append(point(schema.GPU_HEALTH, g.tags, fields, t))
     return out
 
 
@@ -325,6 +363,7 @@ def fleet_points(end_ns: int) -> list[Point]:
     for i in range(SAMPLES):
         t = start + i * SAMPLE_S * S
         out += _gpu_points(t, i, state)
+        out += _health_points(t, i)
         out += _job_points(t, i)
         out += _host_points(t, i)
         out += _agent_points(t, i)
