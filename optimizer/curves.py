@@ -949,6 +949,13 @@ def fit_job_curve(
                 job.allowed_slowdown,
                 z,
             )
+            if share is not None and not math.isfinite(share[1]):
+                # samples where the shapes agree (at or just above the draw) say
+                # nothing below it: the prior, as for a job never capped, not an
+                # infinite uncertainty that would pin the job at full throughput
+                xs, ys = _prior_curve(PRIOR_SHAPES[shape], draw, lo, hi, pts)
+                method, share = "prior", None
+                margin = PRIOR_SLOWDOWN_MARGIN + _shape_gap(shape, draw, lo)
         elif mean_y > 0:
             # the free fit's own residuals, with the effective degrees of freedom
             # of a shape-restricted fit (one per breakpoint in the sample range;
@@ -1769,6 +1776,10 @@ def _fit_bucket(b: _Bucket, z: float, fleet_noise: tuple[float, int] | None) -> 
         has_share[i] = one is not None
         if one is not None:
             w[i], w_sd[i] = one
+    # a shape fit whose share the samples cannot identify (they lie where the shapes
+    # agree, at or above the draw): the per-job code falls back to the prior
+    unidentified = many_shape & has_share & ~np.isfinite(w_sd)
+    refer |= unidentified
     shape_margin = np.zeros(rows)
     take = (many_shape | two_shape) & ~refer
     if take.any():

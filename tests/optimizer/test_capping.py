@@ -487,3 +487,47 @@ def test_job_value_is_checked_and_round_trips() -> None:
     p = _sizes_problem("per_job")
     assert problem_to_json(p)["objective"]["job_value"] == "per_job"
     assert parse_problem(problem_to_json(p)).objective.job_value == "per_job"
+
+
+def test_readings_just_above_the_draw_do_not_pin_a_job_at_full_throughput() -> None:
+    # uncapped at ~600 W, then held by caps of 605 and 612 W (its draw is within 3 % of
+    # them): three distinct x, all where the shapes agree. The two-shape share is not
+    # identified (infinite SD), which made the margin the whole allowance and pinned the
+    # job at its draw; it is read as never capped instead: the prior and its margin
+    from optimizer.curves import PRIOR_SLOWDOWN_MARGIN, _fit_curves_reference
+
+    def problem(extra: list[dict[str, float]]) -> Problem:
+        uncapped = [(600, 100), (602, 101), (598, 99.5), (601, 100.3)]
+        return parse_problem(
+            {
+                "version": 1,
+                "domains": [{"id": "r", "budget_w": 10000}],
+                "gpus": [gpu(0, ["r"], min_w=200, max_w=700, default_w=700, idle_w=70)],
+                "jobs": [
+                    {
+                        "id": "j",
+                        "gpus": ["g0"],
+                        "allowed_slowdown": 0.1,
+                        "samples": [
+                            {"cap_w": 700, "power_w": p, "throughput": t} for p, t in uncapped
+                        ]
+                        + extra,
+                    }
+                ],
+                "objective": {"kind": "energy"},
+            }
+        )
+
+    near = [
+        {"cap_w": 605, "power_w": 600, "throughput": 100.2},
+        {"cap_w": 612, "power_w": 600, "throughput": 99.9},
+    ]
+    p, bare = problem(near), problem([])
+    for fits in (fit_curves(p), _fit_curves_reference(p)):
+        f = fits["j"]
+        assert f.n_distinct_caps == 3
+        assert f.slowdown_margin == pytest.approx(PRIOR_SLOWDOWN_MARGIN)
+        assert f.method == "prior"
+    cap = solve_capping(p).caps_w["g0"]
+    assert cap < 0.8 * 600  # capped, as the job never capped is
+    assert cap == pytest.approx(solve_capping(bare).caps_w["g0"], abs=1.0)
