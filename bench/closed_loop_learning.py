@@ -1,4 +1,4 @@
-"""Does the closed loop learn its jobs' curves by itself? Energy mode, no probing.
+"""Does the closed loop learn its jobs' curves by itself? Energy mode, probing off and on.
 
 The simulated fleet of ``dcenergy demo`` (real agent, reconciler and optimizer
 code, embedded store, virtual time) starts uncapped, with no cap ever tried:
@@ -8,11 +8,20 @@ allowed slowdown), signs and publishes; the agents apply the plan for one
 interval, and the telemetry of that interval is measured. The jobs' only new
 evidence is what the optimizer's own caps produce.
 
-Per cycle: GPU power saved against the uncapped first interval, the worst
-measured job slowdown, and how the jobs were fitted. Figures are measured
-from the telemetry, not predicted.
+With probing on (``optimizer/probing.py``, ``--probe-share``, ``--probe-lease``)
+each plan also probes the jobs whose curve is still uncertain with a short cap
+inside their allowance on the steepest prior; the probe's readings become
+their samples. The run is made once per mode (``--probing off|on|both``) on
+the same simulated fleet.
 
-Run: ``python bench/closed_loop_learning.py [--cycles 6] [--interval 300] [--nodes 4]``.
+Per cycle: GPU power saved against the uncapped first interval, the worst
+measured job slowdown, jobs measured past their promise (slowdown above the
+allowance), the jobs probed and their predicted cost, and how the jobs were
+fitted. Figures are measured from the telemetry (probes included), not
+predicted.
+
+Run: ``python bench/closed_loop_learning.py [--cycles 6] [--interval 300] [--nodes 4]
+[--probing both]``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from dcenergy.store import EmbeddedStore
 from optimizer.capping import solve_capping
 from optimizer.curves import fit_curves
 from optimizer.plan import make_plan, plan_to_json
+from optimizer.probing import choose_probes
 from optimizer.problem import parse_problem
 from optimizer.snapshot import build_problem, objective_doc
 from optimizer.topology import single_domain
@@ -49,10 +59,18 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=300.0, help="virtual s per plan")
     ap.add_argument("--window", type=float, default=1800.0, help="telemetry window, s")
     ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--probing", choices=("off", "on", "both"), default="both")
+    ap.add_argument("--probe-share", type=float, default=0.1, help="of each domain's budget")
+    ap.add_argument("--probe-lease", type=float, default=120.0, help="virtual s")
     args = ap.parse_args()
-
-    cfg = load_config(None, env={})
     wall = time.perf_counter()
+    for mode in ("off", "on") if args.probing == "both" else (args.probing,):
+        run_mode(args, mode == "on")
+    print(f"wall {time.perf_counter() - wall:.1f} s")
+
+
+def run_mode(args: argparse.Namespace, probing: bool) -> None:
+    cfg = load_config(None, env={})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generate_keypair(root / "plan.key", root / "plan.pub")
@@ -74,10 +92,12 @@ def main() -> None:
             fleet.flush()
             base = measure(store, start, fleet.now_ns + 1)
             print(
-                f"fleet: {args.nodes} nodes x 8 GPUs, {len(fleet.jobs)} jobs; uncapped "
+                f"\nprobing {'on' if probing else 'off'}"
+                + (f" (share {args.probe_share:g}, {args.probe_lease:g} s)" if probing else "")
+                + f"; fleet: {args.nodes} nodes x 8 GPUs, {len(fleet.jobs)} jobs; uncapped "
                 f"{base.fleet_w / 1000:.2f} kW; energy mode, {ALLOWED:.0%} allowed slowdown"
             )
-            print("cycle  saved   worst job slowdown  jobs by fit")
+            print("cycle  saved   worst job slowdown  past  probed (cost)  jobs by fit")
             for cycle in range(1, args.cycles + 1):
                 doc = build_problem(
                     store,
@@ -89,11 +109,18 @@ def main() -> None:
                 )
                 problem = parse_problem(doc, "<telemetry>")
                 fits = fit_curves(problem)
+                result = solve_capping(problem, fits=fits)
+                probes = (
+                    choose_probes(problem, result, share=args.probe_share, lease_s=args.probe_lease)
+                    if probing
+                    else None
+                )
                 plan = make_plan(
                     problem,
-                    solve_capping(problem, fits=fits),
+                    result,
                     created_ns=fleet.now_ns,
                     ttl_s=args.interval + 600.0,
+                    probes=probes,
                 )
                 publish(plan_to_json(plan), store, key, fleet.now_ns)
                 published = fleet.now_ns
@@ -103,15 +130,22 @@ def main() -> None:
                 slow = {j: 1 - w.job_rate[j] / r for j, r in base.job_rate.items() if r > 0}
                 worst = max(slow, key=lambda j: slow[j])
                 methods = Counter(f.method for f in fits.values())
+                past = sum(s > ALLOWED + 1e-9 for s in slow.values())
+                n_probed = len(probes.job_caps_w) if probes is not None else 0
+                cost = (
+                    probes.given_up_value / probes.planned_value * 100
+                    if probes is not None and probes.planned_value > 0
+                    else 0.0
+                )
                 print(
                     f"{cycle:5d}  {(1 - w.fleet_w / base.fleet_w) * 100:4.1f} %  "
-                    f"{slow[worst] * 100:5.1f} % ({worst:9s})  "
+                    f"{slow[worst] * 100:5.1f} % ({worst:9s})  {past:4d}  "
+                    f"{n_probed:3d} ({cost:4.2f} %)  "
                     + ", ".join(f"{m} {n}" for m, n in sorted(methods.items()))
                 )
         finally:
             fleet.close()
             store.close()
-    print(f"wall {time.perf_counter() - wall:.1f} s")
 
 
 if __name__ == "__main__":

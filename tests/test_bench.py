@@ -42,7 +42,7 @@ def test_quality_bench_scores_every_policy_on_the_true_curves(seed: str) -> None
 def test_closed_loop_learning_bench_measures_every_cycle() -> None:
     out = run("closed_loop_learning.py", "--cycles", "2", "--interval", "200", "--nodes", "1")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [r[0] for r in rows] == ["1", "2"]
+    assert [r[0] for r in rows] == ["1", "2", "1", "2"]  # probing off, then on
     assert "prior" in out  # the first plan rests on priors: no cap was ever tried
 
 
