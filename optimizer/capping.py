@@ -695,15 +695,22 @@ def _round_down_mw(m: _Model, grp_caps: np.ndarray, room: np.ndarray) -> np.ndar
 
     Rounding to the nearest mW would put a domain of n GPUs up to n/2 mW over
     its budget (the solver fills budgets exactly), so caps are rounded down
-    (never below the group's minimum). Where a domain is still over, within
+    (never below the group's minimum), except those of jobs at their slowdown
+    floor, rounded up (the solver puts them exactly on it: down would break
+    it by a hair; in energy mode, where they are, budgets seldom bind). Where
+    a domain is still over, within
     the solver's tolerance, its groups above their minimum are lowered by
     whole mW until it fits (a synchronous job keeps one common cap).
     Domains with no room at the minimum caps (infeasible) are left as they are.
     """
     if not len(grp_caps):
         return grp_caps
-    # within 1 µW of the next mW is the solver's tolerance, not a choice: snap it up
-    caps = np.floor(grp_caps * 1000.0 + 1e-3) / 1000.0
+    # within 1 µW of the next mW is the solver's tolerance, not a choice: snap to it
+    down = np.floor(grp_caps * 1000.0 + 1e-3) / 1000.0
+    up = np.ceil(grp_caps * 1000.0 - 1e-3) / 1000.0
+    t = np.bincount(m.grp_job, m.group_throughput(grp_caps) * m.grp_share, minlength=len(m.job_ids))
+    at_floor = t <= m.job_floor + 1e-6 * np.maximum(1.0, m.job_unc)
+    caps = np.where(at_floor[m.grp_job] & (m.job_floor > 0)[m.grp_job], up, down)
     caps = np.clip(caps, m.grp_lo, m.grp_hi)
     ok_dom = m.room >= 0.0
     tol = 1e-6 + 1e-9 * m.budget  # what counts as over (as in budget_violations)

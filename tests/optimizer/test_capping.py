@@ -531,3 +531,13 @@ def test_readings_just_above_the_draw_do_not_pin_a_job_at_full_throughput() -> N
     cap = solve_capping(p).caps_w["g0"]
     assert cap < 0.8 * 600  # capped, as the job never capped is
     assert cap == pytest.approx(solve_capping(bare).caps_w["g0"], abs=1.0)
+
+
+def test_mw_setpoints_keep_a_binding_slowdown_floor() -> None:
+    # energy mode puts a job exactly on its floor: 0.8000004 x 300 at 1 unit/W is
+    # 240.00012 W, which rounded down (240.000) would leave it a hair past its floor
+    p = two_gpu_problem("energy", budget=1000, slow_a=0.1999996, slow_b=0.2)
+    r = solve_capping(p)
+    assert r.caps_w["g0"] == pytest.approx(240.001, abs=1e-9)
+    assert r.evaluation.job_throughput["a"] >= (1 - 0.1999996) * 300
+    assert not r.slowdown_exceeded and r.feasible
