@@ -484,6 +484,7 @@ class DataSet:
     lead_s: int = 0
     waited_s: float = 0.0
     behind_s: int = 0
+    write_ratio: float = 0.0
 
     @property
     def marker(self) -> Path:
@@ -508,9 +509,13 @@ class DataSet:
 
     def _write(self, t0: int, t1: int, inflight: int) -> FillStats:
         if self.kind == "embedded":
-            return fill_embedded(self.db_path, self.fleet, t0, t1)
-        assert self.server is not None
-        return fill_influx(self.server.url, self.fleet, t0, t1, inflight)
+            st = fill_embedded(self.db_path, self.fleet, t0, t1)
+        else:
+            assert self.server is not None
+            st = fill_influx(self.server.url, self.fleet, t0, t1, inflight)
+        if st.lines >= 20_000:  # seconds of writing per second of data, as last measured
+            self.write_ratio = st.seconds / (t1 - t0)
+        return st
 
     def read_marker(self) -> dict[str, Any]:
         try:
@@ -615,6 +620,13 @@ class DataSet:
             now = int(time.time())
             gap = now - self.end_s
             if gap <= 1 or gap > 0.7 * last_gap:
+                break
+            if self.write_ratio > 0.9 and gap * self.write_ratio > 60:
+                print(
+                    f"  note: writing this fleet takes {self.write_ratio:.1f} s per second of "
+                    f"data here: no top-up of the {gap} s gap (it could not catch up)",
+                    flush=True,
+                )
                 break
             last_gap = gap
             # older than the span is never read: a gap past it restarts the span at now
