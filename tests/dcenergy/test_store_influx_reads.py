@@ -96,9 +96,7 @@ def test_a_series_split_over_chunked_documents_parses_as_one() -> None:
             series["partial"] = True
         return {"results": [{"statement_id": 0, "series": [series], "partial": partial}]}
 
-    body = "\n".join(
-        json.dumps(d) for d in (doc([[10 * S, 1]], True), doc([[20 * S, 2.5]], False))
-    )
+    body = "\n".join(json.dumps(d) for d in (doc([[10 * S, 1]], True), doc([[20 * S, 2.5]], False)))
     seen: list[httpx.Request] = []
 
     def handler(req: httpx.Request) -> httpx.Response:
