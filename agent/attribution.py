@@ -20,6 +20,7 @@ points carry it in ``_est`` fields with the rule next to it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -46,8 +47,9 @@ class Split:
     job_instances: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4096)
 def sole(job: str | None) -> Split:
-    """A GPU with at most one job."""
+    """A GPU with at most one job (one shared, read-only object per job: every cycle asks)."""
     if not job:
         return Split({}, SOLE, ())
     return Split({job: 1.0}, SOLE, (job,))

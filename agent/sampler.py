@@ -48,7 +48,7 @@ from dcenergy.schema import (
 log = logging.getLogger(__name__)
 
 PROXY_SOURCE = "sm_util_proxy"
-DEFAULT_HEALTH_EVERY = 10  # cycles between gpu_health points
+DEFAULT_HEALTH_EVERY = 30  # cycles between gpu_health points (30 s at 1 s, as dcgm-exporter)
 _ENERGY_KEEP_CYCLES = 3600  # an energy estimate not updated this long is forgotten
 _ACTIVITY = ("sm_active_pct", "tensor_active_pct", "dram_active_pct")
 
@@ -251,20 +251,25 @@ class Sampler:
             last = self._last_energy_j.get(uuid)
             self._last_energy_j[uuid] = energy
             r.energy_delta_j = max(energy - last, 0.0) if last is not None else 0.0
-            owners = [(("job", j), sh) for j, sh in r.split.shares.items()]
-            owners += [
-                (("mig", i.uuid), sh)
-                for i, sh in zip(r.instances, r.split.instance_shares, strict=True)
+            delta = r.energy_delta_j
+            for j, share in r.split.shares.items():
+                self._add_energy(("job", j), share * delta, cycle)
+            for inst, share in zip(r.instances, r.split.instance_shares, strict=True):
+                self._add_energy(("mig", inst.uuid), share * delta, cycle)
+        if self.samples_total % _ENERGY_KEEP_CYCLES == 0:  # forget ended jobs now and then
+            stale = [
+                k for k, (_, seen) in self._energy_est.items() if cycle - seen > _ENERGY_KEEP_CYCLES
             ]
-            for key, share in owners:
-                acc = self._energy_est.setdefault(key, [0.0, cycle])
-                acc[0] += share * r.energy_delta_j
-                acc[1] = cycle
-        stale = [
-            k for k, (_, seen) in self._energy_est.items() if cycle - seen > _ENERGY_KEEP_CYCLES
-        ]
-        for k in stale:
-            del self._energy_est[k]
+            for k in stale:
+                del self._energy_est[k]
+
+    def _add_energy(self, key: tuple[str, str], joules: float, cycle: float) -> None:
+        acc = self._energy_est.get(key)
+        if acc is None:
+            self._energy_est[key] = [joules, cycle]
+        else:
+            acc[0] += joules
+            acc[1] = cycle
 
     def _gpu_point(self, r: _GpuReading, job: str | None, time_ns: int) -> Point:
         ident = r.sample.identity

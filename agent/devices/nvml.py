@@ -816,6 +816,11 @@ class NvmlGpu(GpuDevice):
         self._q("nvmlDeviceResetGpuLockedClocks")
 
 
+def _gpm_rounded(value: float, *, per_s: bool) -> float:
+    """GPM figures to 0.01 % and 1 B/s: finer digits are noise and cost bytes every sample."""
+    return float(round(value)) if per_s else round(value, 2)
+
+
 @dataclass(frozen=True, slots=True)
 class _MigSlot:
     """A MIG device as listed: its handle and what does not change while it exists."""
@@ -882,7 +887,7 @@ class _Gpm:
         for i, (name, _, scale) in enumerate(self._metrics):
             r = req.metrics[i]
             if int(r.nvmlReturn) == ok:
-                out[name] = float(r.value) * scale
+                out[name] = _gpm_rounded(float(r.value) * scale, per_s=scale != 1.0)
                 continue
             err = self._gpu._nvml.error(int(r.nvmlReturn), f"GPM {name}", self._gpu.identity.index)
             if isinstance(err, DeviceLost):

@@ -545,16 +545,18 @@ class SimulatedGpu(GpuDevice):
             dram += rate * w.kind.mem_util_pct / 100.0
             pcie += rate * w.kind.pcie_gbps
             nvl += rate * w.kind.nvlink_gbps
+        # rounded as the NVML backend rounds them: 0.01 %, 1 B/s
         out = {
-            "sm_active_pct": 100.0 * sm,
-            "sm_occupancy_pct": 100.0 * occ,
-            "tensor_active_pct": 100.0 * tensor,
-            "dram_active_pct": 100.0 * dram,
-            "pcie_tx_bytes_per_s": 0.25 * pcie * _GB,
-            "pcie_rx_bytes_per_s": 0.75 * pcie * _GB,
+            "sm_active_pct": round(100.0 * sm, 2),
+            "sm_occupancy_pct": round(100.0 * occ, 2),
+            "tensor_active_pct": round(100.0 * tensor, 2),
+            "dram_active_pct": round(100.0 * dram, 2),
+            "pcie_tx_bytes_per_s": float(round(0.25 * pcie * _GB)),
+            "pcie_rx_bytes_per_s": float(round(0.75 * pcie * _GB)),
         }
         if self.model.nvlink:
-            out["nvlink_tx_bytes_per_s"] = out["nvlink_rx_bytes_per_s"] = 0.5 * nvl * _GB
+            out["nvlink_tx_bytes_per_s"] = float(round(0.5 * nvl * _GB))
+            out["nvlink_rx_bytes_per_s"] = out["nvlink_tx_bytes_per_s"]
         return out
 
     def mig_instances(self) -> list[MigInstance]:
