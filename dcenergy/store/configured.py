@@ -10,6 +10,7 @@ creates nothing: no state directory, no empty embedded store.
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
@@ -41,16 +42,22 @@ def check_embedded_path(cfg: Config) -> None:
 
 
 def check_state_dir(cfg: Config, path: Path | None = None) -> None:
-    """Refuse a state directory (``agent.state_dir``, or ``path``) that is, or is under, a file."""
+    """Refuse a state directory (``agent.state_dir``, or ``path``) that is, or is under, a
+    file, or that this process cannot write (a read-only mount, another owner's mode)."""
     target = cfg.state_dir if path is None else path
     for p in (target, *target.parents):
         if p.exists():
+            problem = None
             if not p.is_dir():
-                what = "it is a file" if p == target else f"{p} is a file"
+                problem = "it is a file" if p == target else f"{p} is a file"
+            elif not os.access(p, os.W_OK | os.X_OK):
+                what = "it" if p == target else str(p)
+                problem = f"{what} is not writable by this user (owner, mode or a read-only mount)"
+            if problem is not None:
                 raise ConfigError(
                     "agent.state_dir",
                     str(target),
-                    f"a folder, but {what}",
+                    f"a folder, but {problem}",
                     source=cfg.source_of("agent.state_dir"),
                 )
             return

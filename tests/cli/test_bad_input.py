@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,40 @@ def test_a_state_dir_that_is_a_file_is_a_config_error(tmp_path: Path, run: Run) 
         rc, _, err = run("-c", cfg, *args)
         assert rc == EX_CONFIG, args
         one_error(err, "agent.state_dir", "is a file")
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process cannot write: a read-only tmpfs as root, mode 0500 otherwise."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() == 0:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], check=False
+        )
+        if done.returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs here (root inside a restricted container)")
+        yield d
+        subprocess.run(["umount", str(d)], check=False)
+    else:
+        d.chmod(0o500)
+        yield d
+        d.chmod(0o700)
+
+
+def test_an_unwritable_state_dir_is_a_config_error(
+    tmp_path: Path, run: Run, unwritable_dir: Path
+) -> None:
+    cfg = write_config(tmp_path, agent={"state_dir": str(unwritable_dir / "state")})
+    cfg.write_text(cfg.read_text().replace(f'embedded_path = "{tmp_path / "store.sqlite"}"', ""))
+    for args in (
+        ["simulate", "--nodes", "1", "--gpus", "1", "--duration", "10"],
+        ["agent", "run", "--simulate", "1", "--duration", "0"],
+    ):
+        rc, _, err = run("-c", cfg, *args)
+        assert rc == EX_CONFIG, (args, err)
+        one_error(err, "agent.state_dir")
+        assert "not writable" in err or "Read-only" in err or "ermission" in err, err
 
 
 @pytest.mark.parametrize(
