@@ -14,9 +14,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import httpx
+
+from tests.local_server import LocalServer, terminate
 
 REQUIRE_ENV = "DCENERGY_REQUIRE_INFLUXDB"
 
@@ -33,7 +34,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class InfluxServer:
+class InfluxServer(LocalServer):
     def __init__(self, binary: str, root: Path | None = None) -> None:
         self.binary = binary
         self._own_root = root is None
@@ -94,12 +95,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
     def stop(self) -> None:
         if self._proc is None:
             return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        terminate(self._proc)
         self._proc = None
 
     def query(self, q: str, db: str | None = None) -> dict[str, object]:
@@ -113,20 +109,3 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 
     def create_database(self, name: str) -> None:
         self.query(f'CREATE DATABASE "{name}"')
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> InfluxServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -14,12 +14,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from tests.influx_server import free_port
+from tests.local_server import LocalServer, terminate
 
 REQUIRE_ENV = "DCENERGY_REQUIRE_PROMETHEUS"
 
@@ -30,7 +30,7 @@ def prometheus_path() -> str | None:
     )
 
 
-class PrometheusServer:
+class PrometheusServer(LocalServer):
     """``prometheus`` scraping ``targets`` (``host:port``) at ``metrics_path``."""
 
     def __init__(
@@ -138,27 +138,5 @@ scrape_configs:
     def stop(self) -> None:
         if self._proc is None:
             return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        terminate(self._proc)
         self._proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PrometheusServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

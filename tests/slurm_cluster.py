@@ -30,7 +30,8 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+
+from tests.local_server import LocalServer
 
 REQUIRE_ENV = "DCENERGY_REQUIRE_SLURM"
 BINARIES = ("munged", "slurmctld", "slurmd", "scontrol", "sbatch", "srun", "squeue", "sinfo")
@@ -74,7 +75,7 @@ def cgroup_support() -> tuple[str | None, str]:
     return None, "no cgroup v1 freezer and no cgroup v2 mount at /sys/fs/cgroup"
 
 
-class SlurmCluster:
+class SlurmCluster(LocalServer):
     """One slurmctld + one slurmd (this host as node ``nodename``) + a private munged.
 
     ``partitions``: partition name -> extra options; the first is the default.
@@ -299,23 +300,6 @@ class SlurmCluster:
                         d.rmdir()
             with contextlib.suppress(OSError):
                 top.rmdir()
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> SlurmCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- clients -------------------------------------------------------------------------
     def run(
