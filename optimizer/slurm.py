@@ -146,15 +146,21 @@ class SlurmJob:
         return {k: v for k, v in out.items() if v}
 
 
-def parse_squeue_json(text: str) -> list[SlurmJob]:
-    """Jobs from ``squeue --json`` (any of the OpenAPI generations 0.0.37 and later)."""
+def _json_list(text: str, command: str, key: str) -> list[Any]:
+    """The list under ``key`` in a Slurm command's JSON output, or a SlurmError saying why not."""
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise SlurmError(f"squeue --json printed no JSON: {e}") from None
-    jobs = doc.get("jobs") if isinstance(doc, dict) else None
-    if not isinstance(jobs, list):
-        raise SlurmError("squeue --json: no 'jobs' list in its output")
+        raise SlurmError(f"{command} printed no JSON: {e}") from None
+    items = doc.get(key) if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise SlurmError(f"{command}: no {key!r} list in its output")
+    return items
+
+
+def parse_squeue_json(text: str) -> list[SlurmJob]:
+    """Jobs from ``squeue --json`` (any of the OpenAPI generations 0.0.37 and later)."""
+    jobs = _json_list(text, "squeue --json", "jobs")
     out = []
     for j in jobs:
         if not isinstance(j, dict) or _value(j.get("job_id")) is None:
@@ -236,13 +242,7 @@ class SlurmNode:
 
 
 def parse_sinfo_json(text: str) -> list[SlurmNode]:
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise SlurmError(f"sinfo --json printed no JSON: {e}") from None
-    nodes = doc.get("nodes") if isinstance(doc, dict) else None
-    if not isinstance(nodes, list):
-        raise SlurmError("sinfo --json: no 'nodes' list in its output")
+    nodes = _json_list(text, "sinfo --json", "nodes")
     out = []
     for n in nodes:
         if not isinstance(n, dict) or not n.get("name"):
